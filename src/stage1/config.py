@@ -1,0 +1,287 @@
+"""Typed configuration: dataclass schema, YAML loading with ``defaults`` inheritance, overrides.
+
+``load_config("configs/test.yaml", overrides=["training.batch_size=8"])`` returns an OmegaConf
+``DictConfig`` backed by :class:`Stage1Config`, so unknown keys and wrong types are rejected by
+OmegaConf itself; we only translate its errors into one :class:`ConfigError` naming the key path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from stage1.errors import ConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+PRECISIONS = {"32": "32-true", "32-true": "32-true", "16": "16-mixed", "16-mixed": "16-mixed"}
+PRECISIONS |= {"bf16": "bf16-mixed", "bf16-mixed": "bf16-mixed"}
+_TF_PATTERN = re.compile(r"^(m\d+|h\d+|d)$")
+
+
+@dataclass
+class DataConfig:
+    timeframes: list[str] = field(default_factory=lambda: ["m1", "m5", "m15", "m30", "h1", "h4"])
+    seq_len: int = 48
+    train_frac: float = 0.7
+    val_frac: float = 0.15
+    # Gap between splits; null = the longest timeframe's window span (seq_len bars of it).
+    embargo_minutes: int | None = None
+    # A timeframe's newest bar must close no earlier than staleness_factor * its duration
+    # before the anchor; otherwise the window is invalid (e.g. right after a weekend).
+    staleness_factor: float = 1.0
+    # Directory for the sampler's index cache; null disables caching.
+    cache_dir: str | None = None
+    # Use only the first N train windows (overfit tests); null = all.
+    limit_train_windows: int | None = None
+
+
+@dataclass
+class StemConfig:
+    kernel_size: int = 3
+
+
+@dataclass
+class EncoderConfig:
+    n_layers: int = 4
+    n_heads: int = 8
+    ff_mult: int = 4
+    dropout: float = 0.1
+    flash_attn: bool = True
+
+
+@dataclass
+class BottleneckConfig:
+    stride: int = 4
+
+
+@dataclass
+class ModelConfig:
+    d_model: int = 128
+    stem: StemConfig = field(default_factory=StemConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    bottleneck: BottleneckConfig = field(default_factory=BottleneckConfig)
+
+
+@dataclass
+class MaskingConfig:
+    mask_ratio: float = 0.15
+    # Span lengths in base-timeframe bars; mapped to each timeframe by calendar time.
+    span_min_bars: int = 5
+    span_max_bars: int = 60
+    # Hide every coarser bar that overlaps a hidden finer bar (same calendar time hidden).
+    sync_tf: bool = False
+
+
+@dataclass
+class LossWeights:
+    huber: float = 0.6
+    stft: float = 0.2
+    cross_tf: float = 0.15
+    amp_phase: float = 0.05
+
+
+@dataclass
+class LossConfig:
+    weights: LossWeights = field(default_factory=LossWeights)
+    huber_delta: float = 1.0
+    unmasked_weight: float = 0.0
+    stft_fft_sizes: list[int] = field(default_factory=lambda: [8, 16, 32])
+
+
+@dataclass
+class OptimizerConfig:
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+
+
+@dataclass
+class SchedulerConfig:
+    max_lr: float = 1e-3
+    pct_start: float = 0.05
+    interval: str = "step"
+
+
+@dataclass
+class TrainingConfig:
+    # Global batch per optimizer micro-step, summed over all devices; each device gets
+    # batch_size // world_size, so changing the device count keeps the experiment the same.
+    batch_size: int = 64
+    max_epochs: int = 20
+    max_steps: int = -1
+    precision: str = "32"
+    accumulate_grad_batches: int = 1
+    gradient_clip: float = 1.0
+    compile: bool = False
+    early_stopping_patience: int = 5
+    log_every_n_steps: int = 50
+    profile_every_n_steps: int = 100
+    limit_train_batches: float | None = None
+    limit_val_batches: float | None = None
+    val_check_interval: float | None = None
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+
+@dataclass
+class DataLoaderConfig:
+    num_workers: int = 0
+    prefetch_factor: int = 4
+    persistent_workers: bool = True
+    pin_memory: bool = True
+
+
+@dataclass
+class EvaluationConfig:
+    split: str = "test"
+    seed: int = 1234
+    # Probe target: realised volatility and sign of the next horizon_bars base bars.
+    probe_horizon_bars: int = 60
+    probe_max_train_windows: int = 20000
+    sync_masks: bool = True
+    n_plot_windows: int = 4
+
+
+@dataclass
+class Stage1Config:
+    experiment_name: str = "stage1"
+    seed: int = 42
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    dataloader: DataLoaderConfig = field(default_factory=DataLoaderConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
+    """Read one YAML file and deep-merge it over its ``defaults`` (resolved beside it)."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    if path in seen:
+        raise ConfigError(f"{path}: circular 'defaults' chain")
+    try:
+        node = OmegaConf.load(path)
+    except Exception as exc:  # yaml.YAMLError and friends: report as a config problem
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    parents = node.pop("defaults", [])
+    if isinstance(parents, str):
+        parents = [parents]
+    if not isinstance(parents, ListConfig | list):
+        raise ConfigError(f"{path}: 'defaults' must be a list of config names")
+    merged = OmegaConf.create()
+    for name in parents:
+        parent = path.parent / (str(name) if str(name).endswith(".yaml") else f"{name}.yaml")
+        merged = OmegaConf.merge(merged, _read_yaml(parent, (*seen, path)))
+    return OmegaConf.merge(merged, node)  # type: ignore[return-value]
+
+
+def _key_path(exc: OmegaConfBaseException) -> str:
+    full_key = getattr(exc, "full_key", None)
+    return str(full_key) if full_key else "?"
+
+
+def _validate(cfg: DictConfig) -> None:
+    """Checks that types alone cannot express."""
+    data, training = cfg.data, cfg.training
+    if not data.timeframes:
+        raise ConfigError("data.timeframes: must list at least one timeframe")
+    for tf in data.timeframes:
+        if not _TF_PATTERN.match(str(tf)):
+            raise ConfigError(f"data.timeframes: {tf!r} is not a timeframe like m1, m5, h1, h4, d")
+    if len(set(data.timeframes)) != len(data.timeframes):
+        raise ConfigError(f"data.timeframes: duplicate entries in {list(data.timeframes)}")
+    if data.seq_len < 4:
+        raise ConfigError(f"data.seq_len: must be >= 4, got {data.seq_len}")
+    if not (0 < data.train_frac < 1 and 0 <= data.val_frac < 1):
+        raise ConfigError("data.train_frac / data.val_frac: must lie in (0, 1) and [0, 1)")
+    if data.train_frac + data.val_frac >= 1:
+        raise ConfigError("data.train_frac + data.val_frac: must be < 1 (the rest is the test split)")
+    if training.precision not in PRECISIONS:
+        raise ConfigError(
+            f"training.precision: {training.precision!r} is not one of {sorted(PRECISIONS)}"
+        )
+    if training.batch_size < 1:
+        raise ConfigError(f"training.batch_size: must be >= 1, got {training.batch_size}")
+    if cfg.model.d_model % cfg.model.encoder.n_heads:
+        raise ConfigError("model.d_model: must be divisible by model.encoder.n_heads")
+    if not 0 < cfg.masking.mask_ratio < 1:
+        raise ConfigError(f"masking.mask_ratio: must lie in (0, 1), got {cfg.masking.mask_ratio}")
+    if not 1 <= cfg.masking.span_min_bars <= cfg.masking.span_max_bars:
+        raise ConfigError("masking.span_min_bars: must be >= 1 and <= masking.span_max_bars")
+    if cfg.evaluation.split not in ("train", "val", "test", "all"):
+        raise ConfigError(f"evaluation.split: {cfg.evaluation.split!r} is not train|val|test|all")
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """Accept a path, or a bare name of a shipped config (``test`` → ``configs/test.yaml``)."""
+    candidate = Path(path)
+    if candidate.is_file():
+        return candidate
+    shipped = CONFIG_DIR / (candidate.name if candidate.suffix else f"{candidate.name}.yaml")
+    return shipped if shipped.is_file() else candidate
+
+
+def load_config(
+    path: str | Path | None = None, overrides: Sequence[str] = ()
+) -> DictConfig:
+    """Load ``path`` (or the schema defaults), apply ``key.sub=value`` overrides, validate."""
+    schema = OmegaConf.structured(Stage1Config)
+    try:
+        cfg = schema
+        if path is not None:
+            cfg = OmegaConf.merge(cfg, _read_yaml(resolve_config_path(path)))
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r}: expected key.sub=value")
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+    except OmegaConfBaseException as exc:
+        reason = str(exc).splitlines()[0]
+        raise ConfigError(f"{_key_path(exc)}: {reason}") from exc
+    assert isinstance(cfg, DictConfig)
+    _validate(cfg)
+    cfg.training.precision = PRECISIONS[cfg.training.precision]
+    OmegaConf.set_readonly(cfg, False)
+    return cfg
+
+
+def config_from_dict(values: dict[str, Any]) -> DictConfig:
+    """Rebuild a validated config from a plain dict (as stored in checkpoints)."""
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(Stage1Config), values)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{_key_path(exc)}: {str(exc).splitlines()[0]}") from exc
+    assert isinstance(cfg, DictConfig)
+    _validate(cfg)
+    return cfg
+
+
+def config_to_dict(cfg: DictConfig) -> dict[str, Any]:
+    """Plain, JSON-safe dict of a config (for checkpoints, JSON files)."""
+    out = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(out, dict)
+    return out  # type: ignore[return-value]
+
+
+def config_hash(cfg: DictConfig, sections: Sequence[str] = ("data",)) -> str:
+    """Short sha256 of the named config sections (what shapes a derived artifact)."""
+    values = {name: config_to_dict(cfg)[name] for name in sections}
+    blob = json.dumps(values, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def save_config(cfg: DictConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML, atomically."""
+    from stage1.utils import atomic_write_text
+
+    atomic_write_text(Path(path), OmegaConf.to_yaml(cfg, resolve=True))

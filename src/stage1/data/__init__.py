@@ -1,0 +1,1 @@
+"""Data: reading and validating bars, windows, features, normalisation, masking, datasets."""

@@ -1,0 +1,1 @@
+"""The network: plain nn.Modules, no Lightning inside."""
