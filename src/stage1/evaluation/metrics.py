@@ -1,0 +1,370 @@
+"""Reconstruction metrics on hidden positions: MAE, skill against naive baselines, correlation,
+cross-timeframe consistency and log-power-spectrum error (SPEC §6).
+
+Conventions (also written into the metrics JSON under ``definitions``):
+
+* Baselines and errors are computed in RAW feature space (log price relative to the window's
+  reference price). ``mae`` is then reported in normalised units: the raw MAE of a feature divided
+  by the normaliser's std of that (timeframe, feature), i.e. exactly the MAE of the z-scored
+  values. Skill ratios do not depend on that choice, per feature.
+* Only hidden positions count. Visible positions never enter any metric, except as the known
+  neighbours that baselines and composite series read.
+* The headline ``mae`` of a timeframe is the mean of the per-feature normalised MAEs over the
+  four price features (open, high, low, close); every price feature has the same number of hidden
+  bars, so this is the pooled MAE. Headline ``skill_X = 1 - mae_model / mae_X`` uses those means;
+  ``skill_best`` compares with the best baseline chosen per feature.
+* ``interior`` spans end before the newest bar of the window; ``right_edge`` spans end at it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from stage1.data.features import CLOSE, DELTA_CLOSE, FEATURE_NAMES, N_FEATURES
+from stage1.data.timeframes import tf_ns
+from stage1.evaluation.baselines import (
+    BASELINE_NAMES,
+    PRICE_FEATURES,
+    all_baselines,
+    neighbour_indices,
+)
+
+SOURCES = ("model", *BASELINE_NAMES)
+SPAN_CLASSES = ("interior", "right_edge")
+CONSISTENCY_TOLERANCE_STD = 0.25
+RIGHT_EDGE_SKILL_ALARM = 0.01
+SIGN_AUC_ALARM = 0.55
+
+
+def find_spans(mask_row: np.ndarray) -> list[tuple[int, int]]:
+    """Hidden spans of one mask row as ``(start, stop)`` pairs, ``stop`` exclusive.
+
+    mask_row: bool ``[L]``, True = hidden.
+    """
+    padded = np.concatenate([[False], np.asarray(mask_row, dtype=bool), [False]])
+    edges = np.flatnonzero(padded[1:] != padded[:-1])
+    return [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2], strict=True)]
+
+
+def span_class_masks(masks: np.ndarray) -> dict[str, np.ndarray]:
+    """Split hidden positions by span class: ``{'interior': [N, L], 'right_edge': [N, L]}``.
+
+    masks: bool ``[N, L]``. A right-edge span has no visible bar after it.
+    """
+    _, next_ = neighbour_indices(masks)
+    right_edge = masks & (next_ == masks.shape[1])
+    return {"interior": masks & ~right_edge, "right_edge": right_edge}
+
+
+def count_spans(masks: np.ndarray) -> int:
+    """Number of hidden spans in ``masks`` (bool ``[..., L]``)."""
+    starts = masks.copy()
+    starts[..., 1:] &= ~masks[..., :-1]
+    return int(starts.sum())
+
+
+def mae_on_hidden(pred: np.ndarray, truth: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """Per-feature MAE over hidden positions; NaN where nothing is hidden.
+
+    pred, truth: ``[..., L, F]``; masks: bool ``[..., L]``. Returns ``[F]``.
+    """
+    n_hidden = int(masks.sum())
+    if n_hidden == 0:
+        return np.full(pred.shape[-1], np.nan)
+    return np.abs(pred - truth)[masks].sum(axis=0) / n_hidden
+
+
+def skill(mae_model: float | np.ndarray, mae_baseline: float | np.ndarray) -> Any:
+    """``1 - mae_model / mae_baseline``: 1 = perfect, 0 = as good as the baseline, < 0 worse.
+
+    NaN where the baseline's error is 0 or undefined (nothing to beat)."""
+    model = np.asarray(mae_model, dtype=np.float64)
+    base = np.asarray(mae_baseline, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.where(base > 0, 1.0 - model / base, np.nan)
+    return out if out.ndim else float(out)
+
+
+def pearson(x: np.ndarray, y: np.ndarray) -> float:
+    """Pearson correlation of two 1-D arrays; NaN if either is constant or they are empty."""
+    sums = pearson_sums(x, y)
+    return pearson_from_sums(sums)
+
+
+def pearson_sums(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Sufficient statistics ``[n, Σx, Σy, Σx², Σy², Σxy]`` (float64), summable over batches."""
+    x = np.asarray(x, dtype=np.float64).ravel()
+    y = np.asarray(y, dtype=np.float64).ravel()
+    return np.array([x.size, x.sum(), y.sum(), x @ x, y @ y, x @ y])
+
+
+def pearson_from_sums(sums: np.ndarray) -> float:
+    """Pearson correlation from :func:`pearson_sums`."""
+    n, sx, sy, sxx, syy, sxy = sums
+    if n < 2:
+        return math.nan
+    cov = sxy - sx * sy / n
+    var_x, var_y = sxx - sx * sx / n, syy - sy * sy / n
+    if var_x <= 0 or var_y <= 0:
+        return math.nan
+    return float(cov / math.sqrt(var_x * var_y))
+
+
+def log_spectrum_error(composite_close: np.ndarray, true_close: np.ndarray) -> np.ndarray:
+    """Per row: mean over frequencies of ``|log10 P_hat - log10 P|``, where ``P`` is the power
+    spectrum of the close's first differences (log returns) and ``P_hat`` that of the composite
+    series (truth where visible, reconstruction where hidden). The zero frequency is skipped; a
+    floor of 1e-6 × the mean true power keeps flat series finite.
+
+    composite_close, true_close: ``[N, L]``. Returns ``[N]``.
+    """
+    power_hat = np.abs(np.fft.rfft(np.diff(composite_close, axis=1), axis=1))[:, 1:] ** 2
+    power = np.abs(np.fft.rfft(np.diff(true_close, axis=1), axis=1))[:, 1:] ** 2
+    floor = 1e-6 * power.mean(axis=1, keepdims=True) + 1e-30
+    return np.abs(np.log10(power_hat + floor) - np.log10(power + floor)).mean(axis=1)
+
+
+def consistency_counts(
+    base_close: np.ndarray,
+    base_times: np.ndarray,
+    base_tf: str,
+    tf_close: np.ndarray,
+    tf_times: np.ndarray,
+    tf_masks: np.ndarray,
+    tf: str,
+    tolerance: float,
+) -> tuple[int, int]:
+    """Cross-timeframe consistency of a reconstruction: ``(n_agree, n_checked)``.
+
+    A hidden bar of the higher timeframe ``tf`` is checked when the base window covers its whole
+    interval ``[open, open + duration)``; the aggregated base close is the (composite) close of
+    the last base bar inside that interval. It agrees when ``|close_tf - close_agg| <= tolerance``
+    (raw log units).
+
+    base_close, base_times: ``[N, L]`` (composite close, open times in int64 ns);
+    tf_close, tf_times, tf_masks: ``[N, L]`` for the higher timeframe.
+    """
+    tf_end = tf_times + tf_ns(tf)
+    covered = (base_times[:, :1] <= tf_times) & (base_times[:, -1:] + tf_ns(base_tf) >= tf_end)
+    # Row of the last base bar opened before the higher bar's end: [N, L_tf].
+    last_inside = (base_times[:, None, :] < tf_end[:, :, None]).sum(axis=2) - 1
+    last_inside = np.clip(last_inside, 0, base_times.shape[1] - 1)
+    inside = np.take_along_axis(base_times, last_inside, axis=1) >= tf_times
+    checked = tf_masks & covered & inside
+    aggregated = np.take_along_axis(base_close, last_inside, axis=1)
+    agree = checked & (np.abs(tf_close - aggregated) <= tolerance)
+    return int(agree.sum()), int(checked.sum())
+
+
+def pip_size(median_price: float) -> float:
+    """Pip by price level: 0.01 for JPY-quoted pairs (median price > 20), else 0.0001."""
+    return 0.01 if median_price > 20 else 0.0001
+
+
+def _finite_or_none(value: float) -> float | None:
+    return float(value) if value is not None and np.isfinite(value) else None
+
+
+class MetricAccumulator:
+    """Streams batches of (truth, reconstruction, masks) and sums everything the metrics need,
+    so every window of a split is scored without holding them all in memory.
+
+    timeframes: finest first. feature_std: float ``[n_tf, 6]`` normaliser std in raw units (to
+    report MAE in normalised units and to scale the consistency tolerance).
+    """
+
+    def __init__(self, timeframes: Sequence[str], feature_std: np.ndarray) -> None:
+        self.timeframes = list(timeframes)
+        self.feature_std = np.asarray(feature_std, dtype=np.float64)
+        n_tf = len(self.timeframes)
+        self.abs_err = np.zeros((n_tf, len(SOURCES), len(SPAN_CLASSES), N_FEATURES))
+        self.n_bars = np.zeros((n_tf, len(SPAN_CLASSES)), dtype=np.int64)
+        self.n_spans = np.zeros((n_tf, len(SPAN_CLASSES)), dtype=np.int64)
+        self.price_abs_err = np.zeros(n_tf)
+        self.n_price_bars = np.zeros(n_tf, dtype=np.int64)
+        # Pearson sums per timeframe: model close, model delta_close, interp close.
+        self.corr_sums = np.zeros((n_tf, 3, 6))
+        self.spectrum_sum = np.zeros((n_tf, 2))  # model, interp
+        self.spectrum_rows = np.zeros(n_tf, dtype=np.int64)
+        self.consistency = np.zeros((n_tf, 2), dtype=np.int64)  # agree, checked
+        self.n_windows = 0
+
+    def update(
+        self,
+        truth: np.ndarray,
+        pred: np.ndarray,
+        masks: np.ndarray,
+        times: np.ndarray,
+        truth_prices: np.ndarray | None = None,
+        pred_prices: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Add one batch.
+
+        truth, pred: raw features ``[B, n_tf, L, 6]``; masks: bool ``[B, n_tf, L]``; times: int64
+        ns ``[B, n_tf, L]``; truth_prices, pred_prices (optional): OHLC prices ``[B, n_tf, L, 4]``
+        for ``mae_price``. Returns the interp baseline ``[B, n_tf, L, 6]`` (for plots).
+        """
+        truth = np.asarray(truth, dtype=np.float64)
+        pred = np.asarray(pred, dtype=np.float64)
+        self.n_windows += truth.shape[0]
+        interp_all = np.empty_like(truth)
+        composite_base: np.ndarray | None = None
+        for k, tf in enumerate(self.timeframes):
+            values, tf_masks = truth[:, k], masks[:, k]
+            guesses = {"model": pred[:, k], **all_baselines(values, tf_masks)}
+            interp_all[:, k] = guesses["interp"]
+            classes = span_class_masks(tf_masks)
+            for c, name in enumerate(SPAN_CLASSES):
+                hidden = classes[name]
+                self.n_bars[k, c] += int(hidden.sum())
+                self.n_spans[k, c] += count_spans(hidden)
+                for s, source in enumerate(SOURCES):
+                    self.abs_err[k, s, c] += np.abs(guesses[source] - values)[hidden].sum(axis=0)
+            self._update_scalars(k, values, guesses, tf_masks)
+            if truth_prices is not None and pred_prices is not None:
+                err = np.abs(pred_prices[:, k] - truth_prices[:, k])[tf_masks]
+                self.price_abs_err[k] += err.sum()
+                self.n_price_bars[k] += err.size
+            composite = np.where(tf_masks, pred[:, k, :, CLOSE], values[..., CLOSE])
+            if k == 0:
+                composite_base = composite
+            else:
+                assert composite_base is not None
+                tolerance = CONSISTENCY_TOLERANCE_STD * self.feature_std[k, CLOSE]
+                self.consistency[k] += consistency_counts(
+                    composite_base, times[:, 0], self.timeframes[0],
+                    composite, times[:, k], tf_masks, tf, tolerance,
+                )  # fmt: skip
+        return interp_all
+
+    def _update_scalars(
+        self, k: int, values: np.ndarray, guesses: Mapping[str, np.ndarray], masks: np.ndarray
+    ) -> None:
+        """Correlation and spectrum sums of timeframe ``k``."""
+        model, interp = guesses["model"], guesses["interp"]
+        self.corr_sums[k, 0] += pearson_sums(model[..., CLOSE][masks], values[..., CLOSE][masks])
+        self.corr_sums[k, 1] += pearson_sums(
+            model[..., DELTA_CLOSE][masks], values[..., DELTA_CLOSE][masks]
+        )
+        self.corr_sums[k, 2] += pearson_sums(interp[..., CLOSE][masks], values[..., CLOSE][masks])
+        rows = masks.any(axis=1)
+        if rows.any():
+            true_close = values[rows][..., CLOSE]
+            for s, guess in enumerate((model, interp)):
+                composite = np.where(masks[rows], guess[rows][..., CLOSE], true_close)
+                self.spectrum_sum[k, s] += log_spectrum_error(composite, true_close).sum()
+            self.spectrum_rows[k] += int(rows.sum())
+
+    def _block(self, k: int, class_ids: Sequence[int]) -> dict[str, Any]:
+        """MAE and skills of timeframe ``k`` over the given span classes."""
+        n_bars = int(self.n_bars[k, list(class_ids)].sum())
+        block: dict[str, Any] = {
+            "n_hidden_bars": n_bars,
+            "n_spans": int(self.n_spans[k, list(class_ids)].sum()),
+        }
+        with np.errstate(invalid="ignore", divide="ignore"):
+            raw = self.abs_err[k][:, list(class_ids)].sum(axis=1) / n_bars  # [sources, F]
+        mae = raw / self.feature_std[k]  # normalised units
+        best = mae[1:].min(axis=0) if n_bars else np.full(N_FEATURES, np.nan)
+        price = list(PRICE_FEATURES)
+        block["mae"] = _finite_or_none(mae[0, price].mean())
+        for s, name in enumerate(BASELINE_NAMES, start=1):
+            block[f"mae_{name}"] = _finite_or_none(mae[s, price].mean())
+            block[f"skill_{name}"] = _finite_or_none(
+                skill(mae[0, price].mean(), mae[s, price].mean())
+            )
+        block["skill_best"] = _finite_or_none(skill(mae[0, price].mean(), best[price].mean()))
+        features: dict[str, Any] = {}
+        for f, fname in enumerate(FEATURE_NAMES):
+            entry: dict[str, Any] = {"mae": _finite_or_none(mae[0, f])}
+            for s, name in enumerate(BASELINE_NAMES, start=1):
+                entry[f"mae_{name}"] = _finite_or_none(mae[s, f])
+                entry[f"skill_{name}"] = _finite_or_none(skill(mae[0, f], mae[s, f]))
+            entry["skill_best"] = _finite_or_none(skill(mae[0, f], best[f]))
+            entry["best_baseline"] = BASELINE_NAMES[int(np.argmin(mae[1:, f]))] if n_bars else None
+            features[fname] = entry
+        block["features"] = features
+        return block
+
+    def result(self, pip: float | None = None) -> dict[str, Any]:
+        """``{'per_tf': {tf: {...}}, 'mean': {...}, 'n_windows': int}``; None for undefined
+        values (e.g. a timeframe with no hidden bar)."""
+        per_tf: dict[str, Any] = {}
+        for k, tf in enumerate(self.timeframes):
+            entry = self._block(k, range(len(SPAN_CLASSES)))
+            price = self.price_abs_err[k] / self.n_price_bars[k] if self.n_price_bars[k] else None
+            entry["mae_price"] = _finite_or_none(price) if price is not None else None
+            entry["mae_pips"] = _finite_or_none(price / pip) if price is not None and pip else None
+            entry["corr_close"] = _finite_or_none(pearson_from_sums(self.corr_sums[k, 0]))
+            entry["corr_delta"] = _finite_or_none(pearson_from_sums(self.corr_sums[k, 1]))
+            entry["corr_close_interp"] = _finite_or_none(pearson_from_sums(self.corr_sums[k, 2]))
+            rows = self.spectrum_rows[k]
+            entry["spectrum_error"] = (
+                _finite_or_none(self.spectrum_sum[k, 0] / rows) if rows else None
+            )
+            entry["spectrum_error_interp"] = (
+                _finite_or_none(self.spectrum_sum[k, 1] / rows) if rows else None
+            )
+            agree, checked = self.consistency[k]
+            entry["consistency_ratio"] = float(agree / checked) if checked else None
+            entry["consistency_n"] = int(checked)
+            for c, name in enumerate(SPAN_CLASSES):
+                entry[name] = self._block(k, [c])
+            per_tf[tf] = entry
+        return {"n_windows": self.n_windows, "per_tf": per_tf, "mean": mean_over_timeframes(per_tf)}
+
+
+def mean_over_timeframes(per_tf: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """Average every numeric leaf over timeframes (counts ``n_*`` are summed instead), skipping
+    timeframes where it is undefined (None). Nested dicts are averaged leaf by leaf."""
+    entries = list(per_tf.values())
+    out: dict[str, Any] = {}
+    if not entries:
+        return out
+    for key in entries[0]:
+        values = [e.get(key) for e in entries]
+        nested = [v for v in values if isinstance(v, Mapping)]
+        if len(nested) == len(values):
+            out[key] = mean_over_timeframes({str(i): v for i, v in enumerate(nested)})
+            continue
+        numbers = [
+            float(v) for v in values if isinstance(v, int | float) and not isinstance(v, bool)
+        ]
+        if not numbers:
+            if all(v is None or isinstance(v, int | float) for v in values):
+                out[key] = None
+            continue
+        out[key] = int(sum(numbers)) if key.startswith("n_") else float(np.mean(numbers))
+    return out
+
+
+def leak_alarms(per_tf: Mapping[str, Mapping[str, Any]], probe: Mapping[str, Any]) -> list[str]:
+    """Leak warnings, empty when clean (SPEC §6).
+
+    * close skill (best baseline) on right-edge spans above 1 % on any timeframe: the newest
+      close is a martingale, so beating "carry the last close" there means the model saw it;
+    * a sign probe AUC above 0.55: the sign of the next return is nearly unpredictable, so this
+      points to future information in the window features.
+    """
+    alarms = []
+    for tf, entry in per_tf.items():
+        close = entry.get("right_edge", {}).get("features", {}).get("close", {})
+        value = close.get("skill_best")
+        if value is not None and value > RIGHT_EDGE_SKILL_ALARM:
+            alarms.append(
+                f"{tf}: close skill on right-edge spans is {value:+.3f} > "
+                f"{RIGHT_EDGE_SKILL_ALARM:.2f} against the best naive baseline; the newest close "
+                "should be unpredictable beyond 'carry the last close' - check for leakage"
+            )
+    for kind, scores in probe.items():
+        auc = scores.get("sign_auc") if isinstance(scores, Mapping) else None
+        if auc is not None and auc > SIGN_AUC_ALARM:
+            alarms.append(
+                f"probe.{kind}: sign AUC is {auc:.3f} > {SIGN_AUC_ALARM:.2f}; the next return's "
+                "sign is nearly unpredictable - check for future bars in the window features"
+            )
+    return alarms
