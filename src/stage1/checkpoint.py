@@ -122,8 +122,13 @@ def _require(blob: Mapping[str, Any], key: str, kind: type, path: Path) -> Any:
     return blob[key]
 
 
-def _unpack(blob: dict[str, Any], path: Path) -> tuple[dict, dict, dict, dict[str, Any]]:
-    """(state_dict, config dict, normalizer dict, meta) from an export or a Lightning .ckpt."""
+def read_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu"
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """``(model state_dict, config dict, normalizer dict, meta)`` of an export or a stage1
+    Lightning ``.ckpt``, without building the model. State keys are Stage1Model's own."""
+    path = Path(path)
+    blob = _read(path, map_location)
     if blob.get("format") == EXPORT_FORMAT:
         meta = {
             "source": "export",
@@ -133,7 +138,7 @@ def _unpack(blob: dict[str, Any], path: Path) -> tuple[dict, dict, dict, dict[st
             "versions": blob.get("versions", {}),
         }
         return (
-            _require(blob, "model_state_dict", dict, path),
+            strip_wrapper_prefixes(_require(blob, "model_state_dict", dict, path)),
             _require(blob, "config", dict, path),
             _require(blob, "normalizer", dict, path),
             meta,
@@ -154,7 +159,7 @@ def _unpack(blob: dict[str, Any], path: Path) -> tuple[dict, dict, dict, dict[st
             "versions": {"lightning": str(blob.get("pytorch-lightning_version", "unknown"))},
         }
         return (
-            state,
+            strip_wrapper_prefixes(state),
             _require(hparams, "config", dict, path),
             _require(hparams, "normalizer_stats", dict, path),
             meta,
@@ -177,14 +182,14 @@ def load_checkpoint(
     from stage1.model.model import Stage1Model
 
     path = Path(path)
-    state_dict, config_dict, normalizer, meta = _unpack(_read(path, map_location), path)
+    state_dict, config_dict, normalizer, meta = read_checkpoint(path, map_location)
     try:
         config = config_from_dict(config_dict)
         model = Stage1Model(config)
     except Stage1Error as exc:
         raise CheckpointError(f"{path}: stored config is invalid ({exc})") from exc
     try:
-        model.load_state_dict(strip_wrapper_prefixes(state_dict), strict=True)
+        model.load_state_dict(state_dict, strict=True)
     except RuntimeError as exc:  # missing/unexpected keys or shape mismatches
         detail = " ".join(str(exc).split())[:300]
         raise CheckpointError(

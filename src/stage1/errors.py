@@ -15,3 +15,7 @@ class DataValidationError(Stage1Error):
 
 class CheckpointError(Stage1Error):
     """A checkpoint is missing, corrupt or incompatible."""
+
+
+class TrainingDivergedError(Stage1Error):
+    """The training loss became NaN or infinite; the message names the global step."""
