@@ -1,0 +1,378 @@
+"""``stage1 evaluate``: every window of a split, masked with a fixed seed, scored against naive
+baselines; linear probes; leak alarms; metrics JSON and report.
+
+Pipeline: ``load_checkpoint`` → config (the checkpoint's; ``--config`` / overrides only change
+``evaluation.*`` and ``data.cache_dir``) → the same sampler / FeatureEngineer / TFNormalizer
+code as training, with the CHECKPOINT's normaliser statistics, so any data directory works →
+masks from ``MaskingStrategy.generate`` seeded with ``evaluation.seed`` → model → metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from stage1.checkpoint import load_checkpoint
+from stage1.config import config_from_dict, config_hash, config_to_dict, load_config
+from stage1.data.dataset import Stage1Dataset, build_sampler, build_splits
+from stage1.data.features import FeatureEngineer
+from stage1.data.io import load_tf_data
+from stage1.data.normalization import TFNormalizer
+from stage1.data.timeframes import tf_ns
+from stage1.errors import ConfigError
+from stage1.evaluation.metrics import (
+    CONSISTENCY_TOLERANCE_STD,
+    RIGHT_EDGE_SKILL_ALARM,
+    SIGN_AUC_ALARM,
+    MetricAccumulator,
+    leak_alarms,
+    pip_size,
+)
+from stage1.evaluation.probe import probe_targets, run_probe, window_summary_features
+from stage1.evaluation.report import PlotSamples, write_report
+from stage1.model.model import Stage1Model
+from stage1.utils import atomic_write_text
+
+# Fixed, so the masks (drawn batch by batch from one seeded generator) do not depend on the
+# machine or on a training setting: same checkpoint + data + seed = same numbers.
+EVAL_BATCH_SIZE = 256
+MASK_SAMPLE_WINDOWS = 64
+OVERRIDABLE_PREFIXES = ("evaluation.", "data.cache_dir")
+
+DEFINITIONS = {
+    "space": (
+        "baselines and errors are computed in raw feature space (log price / reference price); "
+        "mae is reported in normalised units (raw MAE / normaliser std of that timeframe and "
+        "feature); headline mae and skills pool the price features open/high/low/close"
+    ),
+    "hidden_only": "every metric uses hidden bars only; visible bars are known inputs",
+    "skill": "skill_X = 1 - mae_model / mae_X on the same hidden bars; skill_best uses the best "
+    "baseline per feature",
+    "baselines": {
+        "last": "last visible bar carried forward (first visible after, for a span at position 0)",
+        "interp": "linear interpolation between the visible neighbours; right edge: carry forward",
+        "bridge": "hidden closes run linearly from the last visible close to the open of the next "
+        "visible bar; hidden open = previous close; high/low = max/min(open, close) +/- the "
+        "window's median visible upper/lower wick; right edge: carry forward",
+    },
+    "span_classes": "right_edge = span ending at the newest bar of that timeframe; interior = "
+    "every other span",
+    "corr": "Pearson over hidden bars of close (corr_close) and delta_close (corr_delta); "
+    "corr_close_interp is the interp baseline's, for scale",
+    "consistency_ratio": (
+        f"share of hidden higher-timeframe bars, fully covered by the base window, whose "
+        f"reconstructed close is within {CONSISTENCY_TOLERANCE_STD} x that timeframe's close std "
+        "(normaliser) of the close of the last base bar inside it (composite: truth where visible, "
+        "reconstruction where hidden)"
+    ),
+    "spectrum_error": "mean |log10 power| difference of the close's first differences, composite "
+    "series vs truth, per window with hidden bars (spectrum_error_interp: the interp baseline)",
+    "pip": "0.01 when the median close is above 20 (JPY-quoted pairs), else 0.0001",
+    "probe": (
+        "targets from the base timeframe after the anchor (labels only, never in a window): log "
+        "realised volatility log sqrt(sum r^2) of the next probe_horizon_bars log close returns "
+        "(ridge -> vol_r2) and their sign (logistic -> sign_acc, sign_auc); anchors whose horizon "
+        "is incomplete or spans a gap (> 2 x horizon in time) are skipped; fitted on an evenly "
+        "spaced subset of at most probe_max_train_windows train windows (lambda chosen on the "
+        "last 20 % of them), scored on an evenly spaced subset of at most as many windows of the "
+        "evaluated split. encoder: mean over latent steps of the unmasked encoding, concatenated "
+        "over timeframes; raw: per timeframe the newest bar's normalised features + the window's "
+        "log realised volatility and log range; random: the same model, freshly initialised"
+    ),
+    "alarms": f"right-edge close skill_best > {RIGHT_EDGE_SKILL_ALARM} on any timeframe; sign "
+    f"probe AUC > {SIGN_AUC_ALARM} for any probe",
+}
+
+
+def evaluation_config(
+    ckpt_config: DictConfig, config_path: str | None, overrides: Sequence[str]
+) -> DictConfig:
+    """The checkpoint's config with ``evaluation.*`` and ``data.cache_dir`` taken from
+    ``config_path`` and ``overrides``; the shapes of data and model never change."""
+    for item in overrides:
+        key = item.split("=", 1)[0]
+        if not key.startswith(OVERRIDABLE_PREFIXES):
+            raise ConfigError(
+                f"override {item!r}: evaluate accepts only evaluation.* and data.cache_dir; "
+                "data and model settings come from the checkpoint"
+            )
+    values = config_to_dict(ckpt_config)
+    if config_path is not None:
+        user = load_config(config_path, overrides)
+        values["evaluation"] = config_to_dict(user)["evaluation"]
+        values["data"]["cache_dir"] = user.data.cache_dir
+        if config_hash(user, ("data", "model")) != config_hash(ckpt_config, ("data", "model")):
+            print(
+                f"stage1 evaluate: note: data/model settings of {config_path} differ from the "
+                "checkpoint's; using the checkpoint's",
+                file=sys.stderr,
+            )
+    elif overrides:
+        merged = OmegaConf.merge(OmegaConf.create(values), OmegaConf.from_dotlist(list(overrides)))
+        values = OmegaConf.to_container(merged)  # type: ignore[assignment]
+    return config_from_dict(values)
+
+
+def default_report_dir(ckpt: str | Path, split: str) -> Path:
+    """``<ckpt dir>/../eval_<split>`` (the run directory when the checkpoint is in checkpoints/)."""
+    return Path(ckpt).resolve().parent.parent / f"eval_{split}"
+
+
+def _evenly_spaced(positions: np.ndarray, limit: int) -> np.ndarray:
+    """At most ``limit`` of ``positions``, evenly spaced over them (deterministic)."""
+    if len(positions) <= limit:
+        return positions
+    return positions[np.unique(np.linspace(0, len(positions) - 1, limit).round().astype(np.int64))]
+
+
+def random_model_like(config: DictConfig, seed: int, device: torch.device) -> Stage1Model:
+    """A freshly initialised Stage1Model of the same config (seeded; global RNG untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Stage1Model(config)
+    return model.to(device).eval()
+
+
+@torch.inference_mode()
+def probe_features(
+    dataset: Stage1Dataset,
+    positions: np.ndarray,
+    models: dict[str, Stage1Model],
+    device: torch.device,
+    desc: str,
+) -> dict[str, np.ndarray]:
+    """Pooled per-window features for the probes: ``{'raw': [n, n_tf*8], name: [n, n_tf*d]}``
+    for each model in ``models`` (mean of the unmasked encoding over latent steps)."""
+    chunks: dict[str, list[np.ndarray]] = {"raw": [], **{name: [] for name in models}}
+    normalizer = dataset.normalizer
+    for start in tqdm(range(0, len(positions), EVAL_BATCH_SIZE), desc=desc, unit="batch"):
+        batch = dataset.get_batch(positions[start : start + EVAL_BATCH_SIZE])
+        features = batch["features"]
+        raw = normalizer.denormalize(features)
+        chunks["raw"].append(window_summary_features(raw.numpy(), features.numpy()))
+        for name, model in models.items():
+            encoded = model(features.to(device))["encoded"].float().mean(dim=2)
+            chunks[name].append(encoded.flatten(1).cpu().numpy())
+    return {name: np.concatenate(parts) for name, parts in chunks.items()}
+
+
+def run_probes(
+    train: Stage1Dataset,
+    evaluated: Stage1Dataset,
+    models: dict[str, Stage1Model],
+    base_close: np.ndarray,
+    base_open_ns: np.ndarray,
+    config: DictConfig,
+    device: torch.device,
+) -> dict[str, Any]:
+    """``{'encoder'|'raw'|'random': {vol_r2, sign_acc, sign_auc, n_train, n_test, ...}}``."""
+    horizon = int(config.evaluation.probe_horizon_bars)
+    limit = int(config.evaluation.probe_max_train_windows)
+    bar_ns = tf_ns(train.sampler.base_tf)
+    sets = {}
+    for name, dataset in (("train", train), ("test", evaluated)):
+        end_rows = dataset.sampler.end_rows[dataset.window_ids, 0]
+        log_vol, sign, valid = probe_targets(base_close, base_open_ns, end_rows, horizon, bar_ns)
+        positions = _evenly_spaced(np.flatnonzero(valid), limit)
+        feats = probe_features(dataset, positions, models, device, f"probe features ({name})")
+        sets[name] = (feats, log_vol[positions], sign[positions])
+    (train_x, train_vol, train_sign), (test_x, test_vol, test_sign) = sets["train"], sets["test"]
+    return {
+        kind: run_probe(train_x[kind], train_vol, train_sign, test_x[kind], test_vol, test_sign)
+        for kind in ("encoder", "raw", "random")
+    }
+
+
+@torch.inference_mode()
+def reconstruct_split(
+    model: Stage1Model,
+    dataset: Stage1Dataset,
+    config: DictConfig,
+    device: torch.device,
+    sync_options: Sequence[bool],
+) -> tuple[dict[bool, MetricAccumulator], PlotSamples]:
+    """Mask and reconstruct EVERY window of ``dataset`` once per masking option (synchronised
+    or not); accumulate metrics; keep a few windows for the plots."""
+    normalizer, engineer = dataset.normalizer, FeatureEngineer(config)
+    std = normalizer.std.double().numpy()
+    accumulators = {
+        sync: MetricAccumulator(dataset.sampler.timeframes, std) for sync in sync_options
+    }
+    generators = {
+        sync: torch.Generator(device=device).manual_seed(int(config.evaluation.seed))
+        for sync in sync_options
+    }
+    n_windows = len(dataset)
+    n_plot = min(int(config.evaluation.n_plot_windows), n_windows)
+    plot_positions = set(np.linspace(0, n_windows - 1, n_plot).round().astype(int).tolist())
+    kept: dict[str, list[Any]] = {k: [] for k in ("ids", "truth", "pred", "interp", "masks")}
+    mask_sample: list[np.ndarray] = []
+    main = sync_options[0]
+    progress = tqdm(total=n_windows, desc=f"evaluate {dataset.split}", unit="win")
+    for start in range(0, n_windows, EVAL_BATCH_SIZE):
+        positions = np.arange(start, min(start + EVAL_BATCH_SIZE, n_windows))
+        batch = dataset.get_batch(positions)
+        targets = batch["targets"]
+        truth = normalizer.denormalize(targets).double()
+        truth_prices = engineer.to_prices(truth, batch["ref_price"]).numpy()
+        times = batch["times"].numpy()
+        for sync in sync_options:
+            masks = dataset.masking.generate(
+                batch["times"].to(device), generator=generators[sync], sync=sync
+            )
+            out = model(batch["features"].to(device), masks)["reconstructed"].float().cpu()
+            pred = normalizer.denormalize(out).double()
+            masks_np = masks.cpu().numpy()
+            interp = accumulators[sync].update(
+                truth.numpy(), pred.numpy(), masks_np, times,
+                truth_prices, engineer.to_prices(pred, batch["ref_price"]).numpy(),
+            )  # fmt: skip
+            if sync != main:
+                continue
+            if len(mask_sample) * EVAL_BATCH_SIZE < MASK_SAMPLE_WINDOWS:
+                mask_sample.append(masks_np[:MASK_SAMPLE_WINDOWS])
+            rows = [i for i, p in enumerate(positions) if p in plot_positions]
+            for key, values in (
+                ("ids", batch["window_ids"].numpy()), ("truth", truth.numpy()),
+                ("pred", pred.numpy()), ("interp", interp), ("masks", masks_np),
+            ):  # fmt: skip
+                kept[key].extend(values[rows])
+        progress.update(len(positions))
+    progress.close()
+    n_tf, seq_len = len(dataset.sampler.timeframes), dataset.sampler.seq_len
+    samples = PlotSamples(
+        timeframes=list(dataset.sampler.timeframes),
+        window_ids=[int(i) for i in kept["ids"]],
+        truth=np.array(kept["truth"]).reshape(-1, n_tf, seq_len, 6),
+        pred=np.array(kept["pred"]).reshape(-1, n_tf, seq_len, 6),
+        interp=np.array(kept["interp"]).reshape(-1, n_tf, seq_len, 6),
+        masks=np.array(kept["masks"], dtype=bool).reshape(-1, n_tf, seq_len),
+        mask_sample=np.concatenate(mask_sample)[:MASK_SAMPLE_WINDOWS],
+    )
+    return accumulators, samples
+
+
+def evaluate_checkpoint(
+    ckpt: str | Path,
+    data_dir: str | Path,
+    split: str | None = None,
+    config_path: str | None = None,
+    overrides: Sequence[str] = (),
+    output: str | Path | None = None,
+    report_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Evaluate ``ckpt`` on ``data_dir``; write the metrics JSON and the report; return the
+    metrics dict (see SPEC §6 and ``DEFINITIONS``)."""
+    started = time.perf_counter()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, ckpt_config, normalizer_stats, meta = load_checkpoint(ckpt, map_location=device)
+    config = evaluation_config(ckpt_config, config_path, overrides)
+    split = split or str(config.evaluation.split)
+    normalizer = TFNormalizer.from_dict(normalizer_stats)
+    sampler = build_sampler(data_dir, config)
+    splits = build_splits(sampler, config)
+    datasets = {
+        name: Stage1Dataset(None, config, name, normalizer, sampler=sampler, splits=splits)
+        for name in {split, "train"}
+    }
+    evaluated = datasets[split]
+    base = load_tf_data(data_dir, [sampler.base_tf])[sampler.base_tf]
+    base_close = base["close"].to_numpy(dtype=np.float64)
+    base_open_ns = np.asarray(pd.DatetimeIndex(base.index).as_unit("ns").asi8, dtype=np.int64)
+    pip = pip_size(float(np.median(base_close)))
+
+    sync = bool(config.evaluation.sync_masks)
+    sync_options = (sync, not sync) if sync else (sync,)
+    accumulators, samples = reconstruct_split(model, evaluated, config, device, sync_options)
+    main = accumulators[sync].result(pip=pip)
+    models = {
+        "encoder": model,
+        "random": random_model_like(config, int(config.evaluation.seed), device),
+    }
+    probe = run_probes(
+        datasets["train"], evaluated, models, base_close, base_open_ns, config, device
+    )
+    metrics: dict[str, Any] = {
+        "split": split,
+        "n_windows": main["n_windows"],
+        "per_tf": main["per_tf"],
+        "mean": main["mean"],
+        "probe": probe,
+        "alarms": leak_alarms(main["per_tf"], probe),
+        "checkpoint": str(Path(ckpt).resolve()),
+        "checkpoint_meta": {k: v for k, v in meta.items() if k != "versions"},
+        "data_dir": str(Path(data_dir).resolve()),
+        "config_hash": config_hash(config, ("data", "model", "masking", "evaluation")),
+        "masking": {
+            "synchronised": sync,
+            "seed": int(config.evaluation.seed),
+            "mask_ratio": float(config.masking.mask_ratio),
+            "span_min_bars": int(config.masking.span_min_bars),
+            "span_max_bars": int(config.masking.span_max_bars),
+            "batch_size": EVAL_BATCH_SIZE,
+        },
+        "pip": pip,
+        "definitions": DEFINITIONS,
+    }
+    if not sync:
+        metrics["alarms"].append(
+            "masks are NOT synchronised across timeframes (evaluation.sync_masks=false): visible "
+            "coarse bars reveal hidden fine bars, so skills are optimistic"
+        )
+    else:
+        unsync = accumulators[False].result(pip=pip)
+        metrics["unsynchronised"] = {
+            "note": "masks NOT synchronised across timeframes: coarse bars overlapping hidden base "
+            "spans stay visible and reveal them; optimistic, for comparison only",
+            "per_tf": unsync["per_tf"],
+            "mean": unsync["mean"],
+        }
+    metrics["elapsed_s"] = round(time.perf_counter() - started, 2)
+
+    report_path = Path(report_dir) if report_dir else default_report_dir(ckpt, split)
+    output_path = Path(output) if output else report_path / "metrics.json"
+    atomic_write_text(output_path, json.dumps(metrics, indent=2, allow_nan=False) + "\n")
+    write_report(report_path, metrics, samples)
+    return metrics
+
+
+def _summary_line(metrics: dict[str, Any]) -> str:
+    mean, probe = metrics["mean"], metrics["probe"]
+
+    def fmt(value: Any) -> str:
+        return "n/a" if value is None else f"{value:+.3f}"
+
+    return (
+        f"{metrics['split']}: {metrics['n_windows']:,} windows | mean skill vs "
+        f"last {fmt(mean.get('skill_last'))}, interp {fmt(mean.get('skill_interp'))}, "
+        f"bridge {fmt(mean.get('skill_bridge'))}, best {fmt(mean.get('skill_best'))} | "
+        f"vol R² encoder {fmt(probe['encoder'].get('vol_r2'))} / raw "
+        f"{fmt(probe['raw'].get('vol_r2'))} / random {fmt(probe['random'].get('vol_r2'))} | "
+        f"alarms: {len(metrics['alarms'])}"
+    )
+
+
+def run_evaluate(args: argparse.Namespace) -> None:
+    """``stage1 evaluate`` (flags in ``stage1.cli``)."""
+    split = args.split
+    report_dir = Path(args.report_dir) if args.report_dir else None
+    metrics = evaluate_checkpoint(
+        args.ckpt, args.data_dir, split, args.config, args.overrides, args.output, report_dir
+    )
+    report_dir = report_dir or default_report_dir(args.ckpt, metrics["split"])
+    print(_summary_line(metrics))
+    for alarm in metrics["alarms"]:
+        print(f"ALARM: {alarm}")
+    print(f"metrics: {Path(args.output) if args.output else report_dir / 'metrics.json'}")
+    print(f"report:  {report_dir / 'report.html'}")
