@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 
 from stage1.data.features import DELTA_CLOSE
+from stage1.data.timeframes import sort_timeframes, tf_ns
 
 
 def mask_model_input(features: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -15,9 +20,133 @@ def mask_model_input(features: torch.Tensor, masks: torch.Tensor) -> torch.Tenso
     True = hidden. Returns a new tensor; visible values are unchanged otherwise.
     """
     if features.shape[:-1] != masks.shape:
-        raise ValueError(f"masks {tuple(masks.shape)} do not match features {tuple(features.shape)}")
+        raise ValueError(
+            f"masks {tuple(masks.shape)} do not match features {tuple(features.shape)}"
+        )
     prev_hidden = torch.zeros_like(masks)
     prev_hidden[..., 1:] = masks[..., :-1]
     out = features.masked_fill(masks.unsqueeze(-1), 0.0)
     delta = out[..., DELTA_CLOSE].masked_fill(prev_hidden, 0.0)
     return torch.cat([out[..., :DELTA_CLOSE], delta.unsqueeze(-1), out[..., DELTA_CLOSE + 1 :]], -1)
+
+
+class MaskingStrategy:
+    """Random contiguous hidden spans per timeframe, drawn for a whole batch with torch ops.
+
+    Per window and timeframe the number of hidden bars is ``mask_ratio * seq_len`` rounded up
+    or down at random so that its mean is exactly the target (at least 1; plain rounding would
+    give 2/16 = 0.125 for a 0.15 target at ``seq_len=16``). The budget is cut into spans whose
+    length is drawn in base bars from ``[span_min_bars, span_max_bars]`` and mapped to the
+    timeframe by calendar time (``max(1, round(len_base * base_duration / tf_duration))``); the
+    last span is clipped to what is left of the budget. Spans are placed at random, apart from
+    each other (every hidden run is one span) when the window has room, anywhere from the
+    oldest to the newest bar, so some spans end at the newest bar ("right-edge" spans). Base
+    position 0 holds the reference price and is never hidden.
+
+    ``sync=True`` additionally hides every coarser bar that overlaps, in calendar time, a
+    hidden bar of any finer timeframe (also one hidden this way), so the same calendar span is
+    hidden in every timeframe. Coarse timeframes then hide more than ``mask_ratio``.
+    """
+
+    def __init__(self, masking_cfg: Any, timeframes: Sequence[str], seq_len: int) -> None:
+        self.timeframes = sort_timeframes(list(timeframes))
+        self.seq_len = seq_len
+        self.mask_ratio = float(masking_cfg.mask_ratio)
+        self.sync_tf = bool(masking_cfg.sync_tf)
+        self.span_min_bars = int(masking_cfg.span_min_bars)
+        self.span_max_bars = int(masking_cfg.span_max_bars)
+        self.tf_durations_ns = [tf_ns(tf) for tf in self.timeframes]
+        # Base bars per timeframe bar, as a length scale from base bars to this timeframe's bars.
+        self.span_scale = [self.tf_durations_ns[0] / d for d in self.tf_durations_ns]
+        self.first_maskable = [1] + [0] * (len(self.timeframes) - 1)
+        target = self.mask_ratio * seq_len
+        self.max_hidden = [
+            max(1, min(math.ceil(target), seq_len - first)) for first in self.first_maskable
+        ]
+
+    def span_bounds(self, k: int) -> tuple[int, int]:
+        """Shortest and longest span of timeframe ``k``, in its own bars (before clipping)."""
+        lo, hi = (self._to_tf_bars(n, k) for n in (self.span_min_bars, self.span_max_bars))
+        return lo, hi
+
+    def _to_tf_bars(self, base_bars: int, k: int) -> int:
+        return max(1, round(base_bars * self.span_scale[k]))
+
+    def generate(
+        self,
+        times: torch.Tensor,
+        generator: torch.Generator | None = None,
+        sync: bool | None = None,
+    ) -> torch.Tensor:
+        """Masks for a batch: ``times`` int64 ``[B, n_tf, seq_len]`` (bar open, UTC ns) →
+        bool ``[B, n_tf, seq_len]`` on ``times.device``, True = hidden.
+
+        ``sync=None`` uses ``masking.sync_tf``; ``generator`` must live on ``times.device``.
+        """
+        batch, n_tf, length = times.shape
+        if n_tf != len(self.timeframes) or length != self.seq_len:
+            raise ValueError(
+                f"times must be [B, {len(self.timeframes)}, {self.seq_len}], got {tuple(times.shape)}"
+            )
+        device = times.device
+
+        def rand(*shape: int) -> torch.Tensor:
+            return torch.rand(shape, generator=generator, device=device)
+
+        first = torch.tensor(self.first_maskable, device=device)  # [n_tf]
+        cap = torch.tensor(self.max_hidden, device=device)
+        target = self.mask_ratio * length
+        n_hidden = (math.floor(target) + (rand(batch, n_tf) < target % 1).long()).clamp(min=1)
+        n_hidden = torch.minimum(n_hidden, cap)  # [B, n_tf]
+
+        # Span lengths in each timeframe's bars; K spans always cover the budget (each >= 1).
+        n_spans = max(self.max_hidden)
+        base_len = (
+            self.span_min_bars
+            + (rand(batch, n_tf, n_spans) * (self.span_max_bars - self.span_min_bars + 1)).long()
+        )
+        scale = torch.tensor(self.span_scale, dtype=torch.float64, device=device)[:, None]
+        span = torch.round(base_len * scale).long().clamp(min=1)
+        before = span.cumsum(-1) - span
+        span = torch.minimum(span, n_hidden[..., None] - before).clamp(min=0)
+        # Shuffle so that the clipped (shorter) span is not always the newest one.
+        span = span.gather(-1, rand(batch, n_tf, n_spans).argsort(-1))
+
+        # Place the spans in order with random free gaps: sorted uniform cut points of the free
+        # bars; one separating bar between spans keeps them apart when there is room.
+        is_span = (span > 0).long()
+        n_real = is_span.sum(-1)
+        room = length - first - n_hidden  # [B, n_tf], >= 0
+        sep = (room - (n_real - 1) >= 0).long()
+        free = room - sep * (n_real - 1)
+        gaps = (rand(batch, n_tf, n_spans) * (free[..., None] + 1)).long().sort(-1).values
+        spans_before = is_span.cumsum(-1) - is_span
+        start = first[:, None] + gaps + (span.cumsum(-1) - span) + sep[..., None] * spans_before
+        start = start.clamp(max=length)
+        edges = torch.zeros(batch, n_tf, length + 1, dtype=torch.long, device=device)
+        edges.scatter_add_(-1, start, is_span)
+        edges.scatter_add_(-1, (start + span).clamp(max=length), -is_span)
+        masks = edges.cumsum(-1)[..., :length] > 0
+
+        if self.sync_tf if sync is None else sync:
+            masks = self._sync(masks, times)
+        return masks
+
+    def _sync(self, masks: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
+        """Hide every coarser bar that overlaps a hidden finer bar (bars are [open, open + d))."""
+        masks = masks.clone()
+        zero = torch.zeros(masks.shape[0], 1, dtype=torch.long, device=masks.device)
+        # hidden_before[k][:, i]: hidden bars of timeframe k before position i (final masks).
+        hidden_before = [torch.cat([zero, masks[:, 0].long().cumsum(-1)], -1)]
+        fine_open = [times[:, k].contiguous() for k in range(times.shape[1])]
+        for j in range(1, masks.shape[1]):
+            for k in range(j):
+                # Fine bars overlapping the coarse bar [o, o + d_j): open in (o - d_k, o + d_j).
+                lo = torch.searchsorted(
+                    fine_open[k], fine_open[j] - self.tf_durations_ns[k], right=True
+                )
+                hi = torch.searchsorted(fine_open[k], fine_open[j] + self.tf_durations_ns[j])
+                counts = hidden_before[k].gather(-1, hi) - hidden_before[k].gather(-1, lo)
+                masks[:, j] |= counts > 0
+            hidden_before.append(torch.cat([zero, masks[:, j].long().cumsum(-1)], -1))
+        return masks

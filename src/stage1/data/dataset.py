@@ -1,0 +1,299 @@
+"""Stage1Dataset and Stage1DataModule: windows → features → normalised batches.
+
+Batches are assembled whole: one vectorised gather of ``B`` windows from the sampler, features
+for the batch at once, one normalisation. A batch is a dict (ARCHITECTURE.md):
+``features``/``targets`` float32 ``[B, n_tf, seq_len, 6]`` (normalised, unmasked),
+``times`` int64 ``[B, n_tf, seq_len]``, ``ref_price`` float64 ``[B]``, ``window_ids`` int64
+``[B]``. Masks for training are drawn by the LightningModule on the batch's device;
+``Stage1Dataset[i]`` adds reproducible ``masks`` for inspection and debugging.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from stage1.data.features import FeatureEngineer
+from stage1.data.io import load_tf_data
+from stage1.data.masking import MaskingStrategy
+from stage1.data.normalization import TFNormalizer
+from stage1.data.sampler import MultiTFWindowSampler, chronological_splits
+from stage1.data.timeframes import NS_PER_MINUTE, tf_ns
+from stage1.errors import ConfigError
+
+SPLITS = ("train", "val", "test", "all")
+# Normalisation statistics converge long before this many windows; more only costs time.
+MAX_FIT_WINDOWS = 50_000
+FIT_CHUNK_WINDOWS = 4096
+
+Batch = dict[str, torch.Tensor]
+
+
+def embargo_ns(config: Any) -> int:
+    """Gap between splits: ``data.embargo_minutes`` or the longest timeframe's window span,
+    whichever is larger."""
+    data = config.data
+    span = max(data.seq_len * tf_ns(tf) for tf in data.timeframes)
+    return max((data.embargo_minutes or 0) * NS_PER_MINUTE, span)
+
+
+def build_sampler(data_dir: str | Path, config: Any) -> MultiTFWindowSampler:
+    """Read ``data_dir`` for ``config.data.timeframes`` and index its windows."""
+    data = config.data
+    return MultiTFWindowSampler(
+        load_tf_data(data_dir, data.timeframes),
+        data.seq_len,
+        staleness_factor=data.staleness_factor,
+        cache_dir=data.cache_dir,
+    )
+
+
+def build_splits(sampler: MultiTFWindowSampler, config: Any) -> dict[str, np.ndarray]:
+    """Chronological train/val/test window ids with the config's embargo (see ``embargo_ns``)."""
+    return chronological_splits(
+        sampler, config.data.train_frac, config.data.val_frac, embargo_ns(config)
+    )
+
+
+def fit_normalizer(
+    sampler: MultiTFWindowSampler,
+    engineer: FeatureEngineer,
+    train_ids: np.ndarray,
+    seed: int,
+    max_windows: int = MAX_FIT_WINDOWS,
+) -> TFNormalizer:
+    """Fit a TFNormalizer on the features of train windows only: all of them, or a random
+    subset of ``max_windows`` drawn with ``seed`` (deterministic), streamed in chunks."""
+    ids = np.asarray(train_ids)
+    if len(ids) > max_windows:
+        ids = np.sort(np.random.default_rng(seed).choice(ids, size=max_windows, replace=False))
+    chunks = (
+        engineer.process_batch(sampler.gather(ids[i : i + FIT_CHUNK_WINDOWS])[0])[0]
+        for i in range(0, len(ids), FIT_CHUNK_WINDOWS)
+    )
+    return TFNormalizer(sampler.timeframes).fit(chunks)
+
+
+class Stage1Dataset(Dataset[Batch]):
+    """Windows of one split (``train``, ``val``, ``test`` or ``all``) as normalised features.
+
+    Reads ``data_dir`` and builds the sampler and splits, unless ``sampler`` and ``splits`` are
+    given (``Stage1DataModule`` builds them once and shares them). Without a ``normalizer`` one
+    is fitted on the train split. ``window_ids`` are the split's windows (ids into ``sampler``).
+    """
+
+    def __init__(
+        self,
+        data_dir: str | Path | None,
+        config: Any,
+        split: str,
+        normalizer: TFNormalizer | None = None,
+        *,
+        sampler: MultiTFWindowSampler | None = None,
+        splits: dict[str, np.ndarray] | None = None,
+    ) -> None:
+        if split not in SPLITS:
+            raise ConfigError(f"split: {split!r} is not one of {', '.join(SPLITS)}")
+        if sampler is None:
+            if data_dir is None:
+                raise ValueError("Stage1Dataset needs data_dir or a sampler")
+            sampler = build_sampler(data_dir, config)
+        if splits is None:
+            splits = build_splits(sampler, config)
+        self.config = config
+        self.split = split
+        self.sampler = sampler
+        self.splits = splits
+        self.engineer = FeatureEngineer(config)
+        self.masking = MaskingStrategy(config.masking, sampler.timeframes, sampler.seq_len)
+        self.window_ids: npt.NDArray[np.int64] = (
+            np.arange(len(sampler), dtype=np.int64) if split == "all" else splits[split]
+        )
+        limit = config.data.limit_train_windows
+        if split == "train" and limit is not None:
+            self.window_ids = self.window_ids[:limit]
+        if normalizer is None:
+            train_ids = splits["train"] if limit is None else splits["train"][:limit]
+            normalizer = fit_normalizer(sampler, self.engineer, train_ids, config.seed)
+        self.normalizer = normalizer
+
+    def __len__(self) -> int:
+        return len(self.window_ids)
+
+    def get_batch(self, indices: Sequence[int] | np.ndarray) -> Batch:
+        """Batch of the split's windows at ``indices`` (positions in this split), vectorised."""
+        ids = self.window_ids[np.asarray(indices, dtype=np.int64)]
+        ohlc, times = self.sampler.gather(ids)
+        features, _ = self.engineer.process_batch(ohlc)
+        features = self.normalizer.normalize(features)
+        return {
+            "features": features,
+            "targets": features.clone(),
+            "times": torch.from_numpy(times),
+            "ref_price": self.engineer.reference_prices(ohlc).clone(),
+            "window_ids": torch.from_numpy(ids),
+        }
+
+    def __getitem__(self, i: int) -> Batch:
+        """One window (no batch dim) plus ``masks`` drawn with seed ``config.seed + i``."""
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} {self.split} windows")
+        i = i % len(self)
+        batch = self.get_batch([i])
+        generator = torch.Generator().manual_seed(int(self.config.seed) + i)
+        batch["masks"] = self.masking.generate(batch["times"], generator=generator)
+        return {key: value[0] for key, value in batch.items()}
+
+
+class WindowBatchSampler(Sampler[np.ndarray]):
+    """Yields arrays of dataset positions, one per batch, for this rank's shard.
+
+    ``shuffle=True`` (training): a permutation seeded by ``seed + epoch`` (``set_epoch`` is
+    called by Lightning each epoch), the same on every rank, cut into ``world_size`` strided
+    shards of equal size (at most ``world_size - 1`` windows left out per epoch, different ones
+    each epoch), then into batches; the last batch may be smaller.
+    ``shuffle=False`` (evaluation): every window exactly once, in order; the windows are split
+    into contiguous shards and each shard into the same number of near-equal batches
+    (``ceil(shard / batch_size)``), so all ranks run the same number of steps.
+    """
+
+    def __init__(
+        self,
+        n_windows: int,
+        batch_size: int,
+        shuffle: bool,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.n_windows = n_windows
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _batches(self) -> list[np.ndarray]:
+        if self.shuffle:
+            order = np.random.default_rng(self.seed + self.epoch).permutation(self.n_windows)
+            usable = self.n_windows // self.world_size * self.world_size
+            shard = order[self.rank : usable : self.world_size]
+            return [shard[i : i + self.batch_size] for i in range(0, len(shard), self.batch_size)]
+        if self.n_windows == 0:
+            return []
+        shards = np.array_split(np.arange(self.n_windows), self.world_size)
+        n_batches = -(-len(shards[0]) // self.batch_size)  # shard 0 is the largest
+        return [b for b in np.array_split(shards[self.rank], n_batches) if len(b)]
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return iter(self._batches())
+
+    def __len__(self) -> int:
+        return len(self._batches())
+
+
+class _BatchView(Dataset[Batch]):
+    """Indexed by a whole array of positions: one ``get_batch`` per DataLoader fetch."""
+
+    def __init__(self, dataset: Stage1Dataset) -> None:
+        self.dataset = dataset
+
+    def __getitem__(self, indices: np.ndarray) -> Batch:
+        return self.dataset.get_batch(indices)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+
+class Stage1DataModule(L.LightningDataModule):
+    """Train/val/test loaders over ONE sampler; DDP-safe without a DistributedSampler.
+
+    Build the Trainer with ``use_distributed_sampler=False``: each rank takes its own shard
+    (rank and world size from the attached trainer, else 0 and 1) with a per-device batch of
+    ``training.batch_size // world_size``. Val and test loaders cover every window exactly once.
+    """
+
+    def __init__(
+        self, data_dir: str | Path, config: Any, normalizer: TFNormalizer | None = None
+    ) -> None:
+        super().__init__()
+        self.data_dir = data_dir
+        self.config = config
+        self.normalizer = normalizer
+        self.sampler: MultiTFWindowSampler | None = None
+        self.splits: dict[str, np.ndarray] = {}
+        self.datasets: dict[str, Stage1Dataset] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the sampler, splits, normaliser and datasets (once; later calls are no-ops)."""
+        if self.sampler is not None:
+            return
+        sampler = build_sampler(self.data_dir, self.config)
+        self.splits = build_splits(sampler, self.config)
+        train = Stage1Dataset(
+            None, self.config, "train", self.normalizer, sampler=sampler, splits=self.splits
+        )
+        self.normalizer = train.normalizer
+        self.datasets = {"train": train}
+        for split in ("val", "test"):
+            self.datasets[split] = Stage1Dataset(
+                None, self.config, split, self.normalizer, sampler=sampler, splits=self.splits
+            )
+        self.sampler = sampler
+
+    def _rank_and_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 1
+        return int(trainer.global_rank), int(trainer.world_size)
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        if not self.datasets:
+            self.setup()
+        rank, world_size = self._rank_and_world()
+        batch_size = self.config.training.batch_size // world_size
+        if batch_size < 1:
+            raise ConfigError(
+                f"training.batch_size: {self.config.training.batch_size} is smaller than the "
+                f"{world_size} devices it is split across"
+            )
+        dataset = self.datasets[split]
+        batches = WindowBatchSampler(
+            len(dataset), batch_size, shuffle, int(self.config.seed), rank, world_size
+        )
+        cfg = self.config.dataloader
+        workers = int(cfg.num_workers)
+        extra: dict[str, Any] = {}
+        if workers > 0:
+            extra = {
+                "persistent_workers": bool(cfg.persistent_workers),
+                "prefetch_factor": int(cfg.prefetch_factor),
+            }
+        return DataLoader(
+            _BatchView(dataset),
+            batch_size=None,
+            sampler=batches,
+            num_workers=workers,
+            pin_memory=bool(cfg.pin_memory) and torch.cuda.is_available(),
+            **extra,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)

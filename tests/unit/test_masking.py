@@ -1,0 +1,205 @@
+"""MaskingStrategy and mask_model_input: ratios, spans, sync, and nothing hidden reaches the model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from stage1.config import load_config
+from stage1.data.features import DELTA_CLOSE, FeatureEngineer
+from stage1.data.io import load_tf_data
+from stage1.data.masking import MaskingStrategy, mask_model_input
+from stage1.data.normalization import TFNormalizer
+from stage1.data.sampler import MultiTFWindowSampler
+from stage1.data.timeframes import tf_ns
+
+TIMEFRAMES = ["m1", "m5", "m15", "m30", "h1", "h4"]
+
+
+@pytest.fixture(scope="module")
+def frames(synthetic_data_dir: Path):
+    return load_tf_data(synthetic_data_dir, TIMEFRAMES)
+
+
+def window_times(frames, seq_len: int, n: int = 4096) -> torch.Tensor:
+    sampler = MultiTFWindowSampler(frames, seq_len)
+    ids = np.random.default_rng(0).choice(len(sampler), size=min(n, len(sampler)), replace=False)
+    return torch.from_numpy(sampler.gather(ids)[1])
+
+
+def strategy(seq_len: int, *overrides: str) -> MaskingStrategy:
+    cfg = load_config("test", [f"data.seq_len={seq_len}", *overrides])
+    return MaskingStrategy(cfg.masking, cfg.data.timeframes, seq_len)
+
+
+def runs(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Hidden runs of a bool ``[N, L]`` array: (row of each run, its length)."""
+    padded = np.pad(masks.astype(np.int8), ((0, 0), (1, 1)))
+    step = np.diff(padded, axis=1)
+    rows, starts = np.nonzero(step == 1)
+    _, ends = np.nonzero(step == -1)
+    return rows, ends - starts
+
+
+def test_shape_dtype_device_and_base_reference_visible(frames) -> None:
+    times = window_times(frames, 16, 512)
+    masks = strategy(16).generate(times, torch.Generator().manual_seed(0))
+    assert masks.shape == times.shape and masks.dtype == torch.bool
+    assert masks.device == times.device
+    assert not masks[:, 0, 0].any()  # the reference price is never hidden
+    assert masks.any(-1).all()  # at least one hidden bar per timeframe and window
+
+
+@pytest.mark.parametrize(
+    ("seq_len", "ratio"), [(16, 0.15), (48, 0.15), (48, 0.3), (16, 0.05), (32, 0.5)]
+)
+def test_realised_ratio_is_the_target(frames, seq_len: int, ratio: float) -> None:
+    times = window_times(frames, seq_len)
+    masks = strategy(seq_len, f"masking.mask_ratio={ratio}").generate(
+        times, torch.Generator().manual_seed(1)
+    )
+    realised = masks.float().mean(dim=(0, 2))
+    assert torch.all((realised - max(ratio, 1 / seq_len)).abs() <= 0.02), realised
+
+
+@pytest.mark.parametrize(("seq_len", "span"), [(16, (2, 8)), (48, (5, 60)), (48, (3, 6))])
+def test_span_lengths_in_range(frames, seq_len: int, span: tuple[int, int]) -> None:
+    overrides = [f"masking.span_min_bars={span[0]}", f"masking.span_max_bars={span[1]}"]
+    masking = strategy(seq_len, *overrides)
+    times = window_times(frames, seq_len, 2048)
+    masks = masking.generate(times, torch.Generator().manual_seed(2)).numpy()
+    for k, tf in enumerate(TIMEFRAMES):
+        shortest, longest = masking.span_bounds(k)
+        expected_longest = max(1, round(span[1] * tf_ns("m1") / tf_ns(tf)))
+        assert longest == expected_longest
+        rows, lengths = runs(masks[:, k])
+        assert lengths.max() <= longest, tf
+        # Only the span clipped to the remaining budget may be shorter: one per window at most.
+        short_rows = rows[lengths < shortest]
+        assert len(np.unique(short_rows)) == len(short_rows), tf
+
+
+def test_spans_sometimes_end_at_the_newest_bar(frames) -> None:
+    times = window_times(frames, 48)
+    masks = strategy(48, "masking.span_min_bars=5", "masking.span_max_bars=60").generate(
+        times, torch.Generator().manual_seed(3)
+    )
+    right_edge = masks[:, :, -1].float().mean(0)
+    assert (right_edge > 0.005).all() and (right_edge < 0.5).all(), right_edge
+    left_edge = masks[:, 1:, 0].float().mean(0)
+    assert (left_edge > 0).all()
+
+
+def test_generator_makes_masks_reproducible(frames) -> None:
+    times = window_times(frames, 16, 256)
+    masking = strategy(16)
+    a = masking.generate(times, torch.Generator().manual_seed(7))
+    b = masking.generate(times, torch.Generator().manual_seed(7))
+    c = masking.generate(times, torch.Generator().manual_seed(8))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def overlap_required(masks: np.ndarray, times: np.ndarray) -> np.ndarray:
+    """Brute force: coarse bars that overlap (in calendar time) a hidden finer bar."""
+    required = np.zeros_like(masks)
+    durations = np.array([tf_ns(tf) for tf in TIMEFRAMES])
+    for b in range(masks.shape[0]):
+        for j in range(1, len(TIMEFRAMES)):
+            start_j = times[b, j][:, None]
+            for k in range(j):
+                start_k = times[b, k][None, :]
+                overlap = (start_j < start_k + durations[k]) & (start_k < start_j + durations[j])
+                required[b, j] |= (overlap & masks[b, k][None, :]).any(axis=1)
+    return required
+
+
+@pytest.mark.parametrize("seq_len", [16, 48])
+def test_sync_hides_the_same_calendar_time(frames, seq_len: int) -> None:
+    times = window_times(frames, seq_len, 200)
+    masking = strategy(seq_len, "masking.span_min_bars=5", "masking.span_max_bars=60")
+    free = masking.generate(times, torch.Generator().manual_seed(4), sync=False).numpy()
+    synced = masking.generate(times, torch.Generator().manual_seed(4), sync=True).numpy()
+    required = overlap_required(synced, times.numpy())
+    assert (synced[required]).all(), "a coarse bar overlapping hidden finer bars stayed visible"
+    # sync only adds the overlapping bars to the same random spans
+    np.testing.assert_array_equal(synced, free | required)
+    # Without sync, coarse bars overlapping hidden minutes do stay visible (the leak sync fixes).
+    assert (overlap_required(free, times.numpy()) & ~free).any()
+    assert synced[:, 1:].mean() > free[:, 1:].mean()
+
+
+def test_sync_default_comes_from_the_config(frames) -> None:
+    times = window_times(frames, 16, 200)
+    synced = strategy(16, "masking.sync_tf=true")
+    plain = strategy(16)
+    a = synced.generate(times, torch.Generator().manual_seed(5))
+    b = plain.generate(times, torch.Generator().manual_seed(5), sync=True)
+    c = synced.generate(times, torch.Generator().manual_seed(5), sync=False)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_mask_model_input_hides_values_and_dependent_deltas() -> None:
+    features = torch.randn(2, 3, 8, 6)
+    masks = torch.zeros(2, 3, 8, dtype=torch.bool)
+    masks[0, 1, 2:4] = True
+    out = mask_model_input(features, masks)
+    assert (out[0, 1, 2:4] == 0).all()
+    assert out[0, 1, 4, DELTA_CLOSE] == 0  # the bar after a hidden one: its delta is hidden too
+    keep = ~masks.clone()
+    keep[0, 1, 4] = False
+    assert torch.equal(out[keep], features[keep])
+    assert torch.equal(out[0, 1, 4, :DELTA_CLOSE], features[0, 1, 4, :DELTA_CLOSE])
+
+
+def assert_hidden_values_do_not_reach_the_model(
+    sampler: MultiTFWindowSampler, seq_len: int, sync: bool
+) -> None:
+    """Perturb hidden bars' raw OHLC, rebuild features, normalise, mask: model input and the
+    reference price are identical. Perturbing a visible bar does change the input."""
+    config = load_config("test", [f"data.seq_len={seq_len}"])
+    engineer = FeatureEngineer(config)
+    masking = MaskingStrategy(config.masking, config.data.timeframes, seq_len)
+    ids = np.random.default_rng(0).choice(len(sampler), size=256, replace=False)
+    ohlc, times = sampler.gather(ids)
+    normalizer = TFNormalizer(sampler.timeframes).fit(engineer.process_batch(ohlc)[0])
+    masks = masking.generate(torch.from_numpy(times), torch.Generator().manual_seed(6), sync=sync)
+
+    def model_input(prices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        features = normalizer.normalize(engineer.process_batch(prices)[0])
+        return mask_model_input(features, masks), engineer.reference_prices(prices)
+
+    base_input, base_ref = model_input(ohlc)
+    rng = np.random.default_rng(1)
+    perturbed = ohlc.copy()
+    hidden = masks.numpy()
+    factor = np.exp(rng.normal(0.0, 0.05, size=(int(hidden.sum()), 1)))
+    perturbed[hidden] = perturbed[hidden] * factor
+    perturbed[hidden, 1] *= 1.01  # and a wider high
+    new_input, new_ref = model_input(perturbed)
+    assert torch.equal(new_input, base_input)
+    assert torch.equal(new_ref, base_ref)
+
+    visible = ohlc.copy()
+    b, k, t = (int(i[0]) for i in np.nonzero(~hidden[:, :, 1:]))
+    visible[b, k, t + 1] *= 1.01
+    assert not torch.equal(model_input(visible)[0], base_input)
+
+
+@pytest.mark.parametrize("sync", [False, True])
+def test_hidden_values_change_nothing_the_model_receives(frames, sync: bool) -> None:
+    assert_hidden_values_do_not_reach_the_model(MultiTFWindowSampler(frames, 16), 16, sync)
+
+
+@pytest.mark.real_data
+@pytest.mark.parametrize("sync", [False, True])
+def test_hidden_values_change_nothing_the_model_receives_real(real_data_dir, sync) -> None:
+    sampler = MultiTFWindowSampler(load_tf_data(real_data_dir, TIMEFRAMES), 48)
+    assert_hidden_values_do_not_reach_the_model(sampler, 48, sync)
+
+
+def test_wrong_times_shape_is_rejected() -> None:
+    with pytest.raises(ValueError, match=r"times must be \[B, 6, 16\]"):
+        strategy(16).generate(torch.zeros(2, 6, 15, dtype=torch.long))
