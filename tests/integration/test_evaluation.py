@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pandas as pd
@@ -33,8 +34,10 @@ TINY = [
     "evaluation.probe_max_train_windows=300",
     "evaluation.n_plot_windows=2",
 ]
-REQUIRED = ("mae", "mae_price", "corr_close", "corr_delta", "skill_interp", "skill_last")
-REQUIRED += ("skill_bridge", "skill_best")
+REQUIRED = (
+    "mae", "mae_price", "corr_close", "corr_delta",
+    "skill_interp", "skill_last", "skill_bridge", "skill_best",
+)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -114,8 +117,8 @@ def test_scaled_prices_give_the_same_skills_on_a_data_dir_never_seen(
     results = []
     for data_dir in (synthetic_data_dir, scaled_dir):
         val = Stage1Dataset(data_dir, config, "val", TFNormalizer.from_dict(stats))
-        accumulators, _ = reconstruct_split(model, val, config, torch.device("cpu"), (True,))
-        results.append(accumulators[True].result())
+        accumulator, _ = reconstruct_split(model, val, config, torch.device("cpu"), sync=True)
+        results.append(accumulator.result())
     original, scaled_result = results
     assert scaled_result["n_windows"] == original["n_windows"] > 0
     for tf, entry in original["per_tf"].items():
@@ -132,24 +135,30 @@ class PeekingModel(torch.nn.Module):
         return {"reconstructed": x.clone(), "encoded": x.mean(dim=2, keepdim=True)}
 
 
-def test_a_model_that_peeks_at_hidden_bars_trips_the_right_edge_alarm(
-    tiny_checkpoint, synthetic_data_dir
-):
-    config = load_config("test", TINY)
+@pytest.fixture(scope="module")
+def val_dataset(tiny_checkpoint: Path, synthetic_data_dir: Path) -> Stage1Dataset:
     stats = torch.load(tiny_checkpoint, weights_only=True)["normalizer"]
-    val = Stage1Dataset(synthetic_data_dir, config, "val", TFNormalizer.from_dict(stats))
-    accumulators, _ = reconstruct_split(
-        PeekingModel(),
-        val,
-        config,
-        torch.device("cpu"),
-        (True,),  # type: ignore[arg-type]
-    )
-    result = accumulators[True].result()
-    assert result["n_windows"] == len(val)
+    config = load_config("test", TINY)
+    return Stage1Dataset(synthetic_data_dir, config, "val", TFNormalizer.from_dict(stats))
+
+
+def peek(dataset: Stage1Dataset):
+    model = cast(Stage1Model, PeekingModel())
+    return reconstruct_split(model, dataset, dataset.config, torch.device("cpu"), sync=True)
+
+
+def test_a_model_that_peeks_at_hidden_bars_trips_the_right_edge_alarm(val_dataset):
+    result = peek(val_dataset)[0].result()
+    assert result["n_windows"] == len(val_dataset)
     assert result["mean"]["skill_best"] == pytest.approx(1.0)
     alarms = leak_alarms(result["per_tf"], {})
     assert {a.split(":")[0] for a in alarms} == {"m1", "m5", "m15", "m30"}
+
+
+def test_masks_are_reproducible(val_dataset):
+    first, second = (peek(val_dataset)[1] for _ in range(2))
+    assert first.mask_sample.any()
+    np.testing.assert_array_equal(first.mask_sample, second.mask_sample)
 
 
 def test_overrides_outside_evaluation_are_rejected(tiny_checkpoint, synthetic_data_dir, capsys):
@@ -163,14 +172,3 @@ def test_missing_checkpoint_is_one_line_error(synthetic_data_dir, tmp_path, caps
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert "nope.pth" in err and len(err.splitlines()) == 1
-
-
-def test_masks_are_reproducible(tiny_checkpoint, synthetic_data_dir):
-    config = load_config("test", TINY)
-    stats = torch.load(tiny_checkpoint, weights_only=True)["normalizer"]
-    val = Stage1Dataset(synthetic_data_dir, config, "val", TFNormalizer.from_dict(stats))
-    runs = [
-        reconstruct_split(PeekingModel(), val, config, torch.device("cpu"), (True,))[1]  # type: ignore[arg-type]
-        for _ in range(2)
-    ]
-    np.testing.assert_array_equal(runs[0].mask_sample, runs[1].mask_sample)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -251,7 +252,7 @@ def test_log_spectrum_error_is_zero_for_the_truth_and_positive_for_a_flat_guess(
 
 
 def test_mean_over_timeframes_sums_counts_and_skips_undefined():
-    per_tf = {
+    per_tf: dict[str, dict[str, Any]] = {
         "m1": {"mae": 1.0, "n_spans": 3, "consistency_ratio": None, "x": {"skill": 0.2}},
         "m5": {"mae": 3.0, "n_spans": 4, "consistency_ratio": 0.5, "x": {"skill": 0.4}},
     }
