@@ -109,7 +109,14 @@ class Stage1InferenceEngine:
     def __init__(self, checkpoint_path: str | Path, device: str | torch.device | None = None):
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
+        try:
+            self.device = torch.device(device)
+        except RuntimeError as exc:
+            raise ConfigError(
+                f"device: {device!r} is not a torch device (cpu, cuda, cuda:1)"
+            ) from exc
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device: {device!r} requested, but CUDA is not available here")
         self.model, self.config, stats, self.meta = load_checkpoint(
             checkpoint_path, map_location=self.device
         )
@@ -273,7 +280,8 @@ class Stage1InferenceEngine:
         pool: str | None = None,
         keep_bars: int | None = None,
     ) -> LiveEncoder:
-        """A :class:`LiveEncoder` for a live agent, primed with ``history`` if given."""
+        """A :class:`LiveEncoder` for a live agent, primed with ``history`` if given (its newest
+        embedding is then in ``latest``)."""
         live = LiveEncoder(self, pool=pool, keep_bars=keep_bars)
         if history is not None:
             live.update(history)
@@ -310,7 +318,13 @@ class LiveEncoder:
                 f"keep_bars: must be >= seq_len ({engine.seq_len}), got {self.keep_bars}"
             )
         self._bars: dict[str, pd.DataFrame] = {}
-        self.last_anchor: pd.Timestamp | None = None
+        # The last (anchor_time, embedding) returned, e.g. the newest one of the priming history.
+        self.latest: tuple[pd.Timestamp, Embeddings] | None = None
+
+    @property
+    def last_anchor(self) -> pd.Timestamp | None:
+        """Anchor time of the last embedding returned (``None`` before the first)."""
+        return None if self.latest is None else self.latest[0]
 
     def _append(self, tf: str, frame: pd.DataFrame) -> None:
         source = f"new_bars[{tf!r}]"
@@ -350,8 +364,8 @@ class LiveEncoder:
         if self.last_anchor is not None and anchor <= self.last_anchor:
             return None
         embedding = self.engine.embed_windows(sampler, [len(sampler) - 1], self.pool).numpy()[0]
-        self.last_anchor = anchor
-        return anchor, embedding
+        self.latest = (anchor, embedding)
+        return self.latest
 
 
 # ---------------------------------------------------------------------------- stage1 encode

@@ -334,6 +334,17 @@ def test_bad_input_data_names_the_timeframe_and_rule(
         engine.extract_features(broken)
 
 
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [("gpu0", r"device: 'gpu0' is not a torch device"), ("cuda", r"CUDA is not available")],
+)
+def test_unusable_device_is_a_config_error(checkpoint: Path, device: str, message: str) -> None:
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("CUDA is available here, so 'cuda' is a usable device")
+    with pytest.raises(ConfigError, match=message):
+        Stage1InferenceEngine(checkpoint, device=device)
+
+
 def test_to_utc_ns_reads_common_time_forms() -> None:
     expected = pd.Timestamp("2020-01-06 09:00", tz="UTC").value
     assert to_utc_ns("2020-01-06 09:00", "start") == expected
@@ -371,7 +382,9 @@ def test_live_encoder_equals_encode(
     every valid anchor is emitted once, with encode()'s embedding, from a short tail."""
     start = anchors[int(len(anchors) * 0.6)]
     live = engine.stream(history=_feed(frames, pd.Timestamp(0, tz="UTC"), start), pool="mean")
-    assert live.last_anchor == start
+    assert live.last_anchor == start and live.latest is not None
+    (_,), at_start = engine.encode(frames, start=start, end=start, pool="mean")
+    np.testing.assert_allclose(live.latest[1], at_start[0], **TOL)
     m1_close = frames["m1"].index + pd.Timedelta(minutes=1)
     closes = m1_close[m1_close > start][:30]
     emitted, now = {}, start
