@@ -13,8 +13,9 @@ import torch
 from stage1.config import load_config
 from stage1.data.dataset import Stage1Dataset, build_sampler, build_splits
 from stage1.data.features import FEATURE_NAMES
-from stage1.data.io import aggregate_bars, write_bars
+from stage1.data.io import aggregate_bars, load_tf_data, write_bars
 from stage1.data.normalization import TFNormalizer
+from stage1.data.sampler import MultiTFWindowSampler
 from stage1.data.synthetic import generate_m1
 from stage1.errors import DataValidationError
 
@@ -121,7 +122,7 @@ def test_normalizer_is_fitted_on_train_windows_only(tmp_path: Path) -> None:
     """Wild prices after the train split leave the stats unchanged; wild train prices do not."""
     timeframes = ["m1", "m5", "m15", "h1"]
     config = load_config("test", [f"data.timeframes={timeframes}".replace("'", "")])
-    m1 = generate_m1(60_000, seed=2)
+    m1 = generate_m1(40_000, seed=2)
     clean = write_dataset(m1, tmp_path / "clean", timeframes)
     sampler = build_sampler(clean, config)
     splits = build_splits(sampler, config)
@@ -146,3 +147,26 @@ def test_normalizer_is_fitted_on_train_windows_only(tmp_path: Path) -> None:
 
     changed_train = write_dataset(wild(after=False), tmp_path / "train", timeframes)
     assert not torch.equal(Stage1Dataset(changed_train, config, "test").normalizer.std, fitted.std)
+
+
+@pytest.mark.real_data
+def test_normalizer_is_fitted_on_train_windows_only_real(real_data_dir: Path) -> None:
+    """Real USDJPY: scrambling every bar after the train split leaves the stats unchanged."""
+    timeframes = ["m1", "m5", "m15", "m30", "h1", "h4"]
+    config = load_config("test", ["data.seq_len=48"])
+    frames = load_tf_data(real_data_dir, timeframes)
+    sampler = MultiTFWindowSampler(frames, 48)
+    splits = build_splits(sampler, config)
+    fitted = Stage1Dataset(None, config, "train", sampler=sampler, splits=splits).normalizer
+    last_train_anchor = sampler.anchor_times[splits["train"][-1]]
+    rng = np.random.default_rng(0)
+    scrambled = {}
+    for tf, bars in frames.items():
+        factor = np.exp(rng.normal(0.0, 0.02, size=len(bars)))
+        factor[bars.index < last_train_anchor] = 1.0
+        scrambled[tf] = bars.mul(factor, axis=0)
+    other = MultiTFWindowSampler(scrambled, 48)
+    refit = Stage1Dataset(None, config, "train", sampler=other, splits=splits).normalizer
+    assert torch.equal(refit.mean, fitted.mean) and torch.equal(refit.std, fitted.std)
+    test_ids = splits["test"][:64]
+    assert not np.array_equal(other.gather(test_ids)[0], sampler.gather(test_ids)[0])

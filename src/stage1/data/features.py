@@ -25,9 +25,16 @@ N_FEATURES = len(FEATURE_NAMES)
 OHLC_COLUMNS = FEATURE_NAMES[:4]
 
 
-def _as_float64(ohlc: np.ndarray | torch.Tensor) -> torch.Tensor:
-    tensor = torch.from_numpy(ohlc) if isinstance(ohlc, np.ndarray) else ohlc
-    return tensor.to(torch.float64)
+def _as_float64(ohlc: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Prices as a C-contiguous float64 array (tensors are copied to the CPU)."""
+    if isinstance(ohlc, torch.Tensor):
+        ohlc = ohlc.detach().cpu().numpy()
+    return np.ascontiguousarray(ohlc, dtype=np.float64)
+
+
+def _log1p_float32(x: np.ndarray) -> np.ndarray:
+    """``log1p(x)`` in float32 (torch's vectorised kernel beats NumPy's here)."""
+    return torch.log1p_(torch.from_numpy(x.astype(np.float32))).numpy()
 
 
 class FeatureEngineer:
@@ -41,32 +48,34 @@ class FeatureEngineer:
 
         ohlc: ``[..., n_tf, seq_len, 4]`` → float64 ``[...]``.
         """
-        return _as_float64(ohlc)[..., 0, 0, OPEN]
+        return torch.from_numpy(_as_float64(ohlc)[..., 0, 0, OPEN].copy())
 
     def process_batch(self, ohlc: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Features of a batch of windows, computed in float64 and returned as float32.
+        """Features of a batch of windows, computed from float64 prices, returned as float32.
 
         ohlc: ``[B, n_tf, seq_len, 4]`` (ndarray or tensor; any leading dims work) →
         ``(features, targets)``, each float32 ``[B, n_tf, seq_len, 6]`` on the input's device.
         ``targets`` holds the same values as ``features`` in a separate tensor.
         """
         prices = _as_float64(ohlc)
-        if prices.shape[-1] != 4 or prices.dim() < 3:
+        if prices.ndim < 3 or prices.shape[-1] != 4:
             raise ValueError(f"ohlc must be [..., n_tf, seq_len, 4], got {tuple(prices.shape)}")
-        ref = prices[..., :1, :1, OPEN : OPEN + 1]  # [..., 1, 1, 1]
-        features = torch.empty(
-            (*prices.shape[:-1], N_FEATURES), dtype=torch.float32, device=prices.device
-        )
-        log_rel = torch.log(prices / ref)
-        features[..., :4] = log_rel
-        delta = features[..., DELTA_CLOSE]
-        delta[..., 0] = log_rel[..., 0, CLOSE] - log_rel[..., 0, OPEN]
-        delta[..., 1:] = log_rel[..., 1:, CLOSE] - log_rel[..., :-1, CLOSE]
-        body = prices[..., CLOSE] - prices[..., OPEN]
+        # Ratios are formed in float64; log1p of (ratio - 1), which is small, is exact to
+        # float32 precision when taken in float32, and much cheaper than a float64 log.
+        per_window = prices.reshape(-1, prices[0].size if prices.ndim > 3 else prices.size)
+        rel = (per_window / per_window[:, :1]).reshape(prices.shape) - 1.0
+        close = prices[..., CLOSE]
+        prev_close = np.concatenate([prices[..., :1, OPEN], close[..., :-1]], axis=-1)
+        body = close - prices[..., OPEN]
         bar_range = prices[..., HIGH] - prices[..., LOW]
         flat = bar_range <= 0
-        features[..., BODY_RATIO] = torch.where(flat, 0.0, body / bar_range.masked_fill(flat, 1.0))
-        return features, features.clone()
+        features = np.empty((*prices.shape[:-1], N_FEATURES), dtype=np.float32)
+        features[..., :4] = _log1p_float32(rel)
+        features[..., DELTA_CLOSE] = _log1p_float32((close - prev_close) / prev_close)
+        features[..., BODY_RATIO] = np.where(flat, 0.0, body / np.where(flat, 1.0, bar_range))
+        device = ohlc.device if isinstance(ohlc, torch.Tensor) else torch.device("cpu")
+        out = torch.from_numpy(features).to(device)
+        return out, out.clone()
 
     def process_window(
         self, window: Mapping[str, pd.DataFrame]

@@ -70,29 +70,24 @@ class TFNormalizer:
         self.fitted = True
         return self
 
-    def _stats_for(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if (
-            x.dim() < 3
-            or x.shape[-3] != len(self.timeframes)
-            or x.shape[-1] != len(self.feature_names)
-        ):
-            raise ValueError(
-                f"expected [..., {len(self.timeframes)}, seq_len, {len(self.feature_names)}], "
-                f"got {tuple(x.shape)}"
-            )
+    def _affine(self, x: torch.Tensor, inverse: bool) -> torch.Tensor:
+        """``x * scale + shift`` in one fused pass, stats broadcast over ``seq_len``."""
+        n_tf, n_features = len(self.timeframes), len(self.feature_names)
+        if x.dim() < 3 or x.shape[-3] != n_tf or x.shape[-1] != n_features:
+            raise ValueError(f"expected [..., {n_tf}, seq_len, {n_features}], got {tuple(x.shape)}")
         mean = self.mean.to(device=x.device, dtype=x.dtype)[:, None, :]
         std = self.std.to(device=x.device, dtype=x.dtype)[:, None, :]
-        return mean, std
+        if inverse:
+            return torch.addcmul(mean, x, std)
+        return torch.addcmul(-mean / std, x, 1.0 / std)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """``[..., n_tf, seq_len, n_features]`` raw features → z-scores (same shape and dtype)."""
-        mean, std = self._stats_for(x)
-        return (x - mean) / std
+        return self._affine(x, inverse=False)
 
     def denormalize(self, x: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`normalize` for ``[..., n_tf, seq_len, n_features]``."""
-        mean, std = self._stats_for(x)
-        return x * std + mean
+        return self._affine(x, inverse=True)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain lists (JSON- and ``torch.load(weights_only=True)``-safe)."""

@@ -206,10 +206,6 @@ class MultiTFWindowSampler:
         """Anchor (window end) times, ``datetime64[ns, UTC]``, shape ``[n_windows]``."""
         return pd.DatetimeIndex(self.anchor_ns.view("datetime64[ns]")).tz_localize("UTC")
 
-    def n_bars(self, tf: str) -> int:
-        """Number of bars of ``tf`` in the data."""
-        return len(self._open_ns[self.timeframes.index(tf)])
-
     def first_open_ns(self, window_ids: npt.ArrayLike | None = None) -> IntArray:
         """Open time of each window's oldest bar over all timeframes, int64 ``[n]``."""
         rows = self.end_rows if window_ids is None else self.end_rows[np.asarray(window_ids)]
