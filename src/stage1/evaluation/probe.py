@@ -9,6 +9,7 @@ probe is refitted on the whole train set and scored once on the evaluated split.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -74,14 +75,25 @@ def standardize(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.nda
     return (train - mean) / std, (test - mean) / std
 
 
-def ridge_fit(x: np.ndarray, y: np.ndarray, lam: float) -> tuple[np.ndarray, float]:
-    """Closed-form ridge on centred data: ``(weights [d], intercept)``; the intercept is not
-    penalised. x: ``[n, d]``, y: ``[n]``; ``lam`` is scaled by ``n``."""
+def ridge_path(
+    x: np.ndarray, y: np.ndarray, lambdas: Sequence[float]
+) -> list[tuple[np.ndarray, float]]:
+    """Closed-form ridge for several strengths, sharing one Gram matrix: ``[(weights [d],
+    intercept)]``. x: ``[n, d]``, y: ``[n]``; the penalty ``lam * n * |w|²`` spares the
+    intercept (data are centred)."""
     x_mean, y_mean = x.mean(axis=0), y.mean()
     xc = x - x_mean
-    gram = xc.T @ xc + lam * x.shape[0] * np.eye(x.shape[1])
-    weights = np.linalg.solve(gram, xc.T @ (y - y_mean))
-    return weights, float(y_mean - x_mean @ weights)
+    gram, rhs = xc.T @ xc, xc.T @ (y - y_mean)
+    out = []
+    for lam in lambdas:
+        weights = np.linalg.solve(gram + lam * x.shape[0] * np.eye(x.shape[1]), rhs)
+        out.append((weights, float(y_mean - x_mean @ weights)))
+    return out
+
+
+def ridge_fit(x: np.ndarray, y: np.ndarray, lam: float) -> tuple[np.ndarray, float]:
+    """Closed-form ridge with one strength (see :func:`ridge_path`)."""
+    return ridge_path(x, y, [lam])[0]
 
 
 def r2_score(y_true: np.ndarray, y_pred: np.ndarray) -> float:
@@ -97,24 +109,29 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
 
 
 def logistic_fit(
-    x: np.ndarray, y: np.ndarray, lam: float, n_iter: int = 50
+    x: np.ndarray,
+    y: np.ndarray,
+    lam: float,
+    init: tuple[np.ndarray, float] | None = None,
+    n_iter: int = 50,
 ) -> tuple[np.ndarray, float]:
     """L2 logistic regression by Newton steps (IRLS): ``(weights [d], intercept)``.
 
-    x: ``[n, d]``, y: ``[n]`` in {0, 1}; the penalty ``lam * n / 2 * |w|²`` spares the intercept.
+    x: ``[n, d]``, y: ``[n]`` in {0, 1}; the penalty ``lam * n / 2 * |w|²`` spares the
+    intercept. ``init`` warm-starts from another fit (e.g. the next stronger penalty).
     """
     n, d = x.shape
     design = np.concatenate([x, np.ones((n, 1))], axis=1)
     penalty = lam * n * np.eye(d + 1)
     penalty[d, d] = 0.0
-    theta = np.zeros(d + 1)
+    theta = np.zeros(d + 1) if init is None else np.append(init[0], init[1])
     for _ in range(n_iter):
         p = _sigmoid(design @ theta)
         gradient = design.T @ (p - y) + penalty @ theta
-        hessian = (design * (p * (1 - p))[:, None]).T @ design + penalty + 1e-9 * np.eye(d + 1)
+        hessian = (design.T * (p * (1 - p))) @ design + penalty + 1e-9 * np.eye(d + 1)
         step = np.linalg.solve(hessian, gradient)
         theta -= step
-        if np.abs(step).max() < 1e-8:
+        if np.abs(step).max() < 1e-7:
             break
     return theta[:d], float(theta[d])
 
@@ -151,15 +168,17 @@ def _choose_lambda(x: np.ndarray, y: np.ndarray, classify: bool) -> float:
         return 1.0
     x_fit, x_val = standardize(x[:n_fit], x[n_fit:])
     y_fit, y_val = y[:n_fit], y[n_fit:]
-    losses = []
-    for lam in LAMBDAS:
-        if classify:
-            w, b = logistic_fit(x_fit, y_fit, lam)
-            losses.append(_log_loss(y_val, _sigmoid(x_val @ w + b)))
-        else:
-            w, b = ridge_fit(x_fit, y_fit, lam)
-            losses.append(float(((x_val @ w + b - y_val) ** 2).mean()))
-    return LAMBDAS[int(np.argmin(losses))]
+    if not classify:
+        fits = ridge_path(x_fit, y_fit, LAMBDAS)
+        losses = [float(((x_val @ w + b - y_val) ** 2).mean()) for w, b in fits]
+        return LAMBDAS[int(np.argmin(losses))]
+    # Strong to weak penalty, each fit warm-started from the previous one: few Newton steps.
+    scores: dict[float, float] = {}
+    fit: tuple[np.ndarray, float] | None = None
+    for lam in sorted(LAMBDAS, reverse=True):
+        fit = logistic_fit(x_fit, y_fit, lam, init=fit)
+        scores[lam] = _log_loss(y_val, _sigmoid(x_val @ fit[0] + fit[1]))
+    return min(scores, key=scores.__getitem__)
 
 
 def run_probe(

@@ -30,7 +30,7 @@ from stage1.data.features import FeatureEngineer
 from stage1.data.io import load_tf_data
 from stage1.data.normalization import TFNormalizer
 from stage1.data.timeframes import tf_ns
-from stage1.errors import ConfigError
+from stage1.errors import ConfigError, DataValidationError
 from stage1.evaluation.metrics import (
     CONSISTENCY_TOLERANCE_STD,
     RIGHT_EDGE_SKILL_ALARM,
@@ -281,6 +281,11 @@ def evaluate_checkpoint(
         for name in {split, "train"}
     }
     evaluated = datasets[split]
+    if len(evaluated) == 0:
+        raise DataValidationError(
+            f"{data_dir}: the {split} split has no windows (split fractions and embargo leave "
+            "none); evaluate another split or use more data"
+        )
     base = load_tf_data(data_dir, [sampler.base_tf])[sampler.base_tf]
     base_close = base["close"].to_numpy(dtype=np.float64)
     base_open_ns = np.asarray(pd.DatetimeIndex(base.index).as_unit("ns").asi8, dtype=np.int64)
