@@ -189,7 +189,11 @@ class WindowBatchSampler(Sampler[np.ndarray]):
             order = np.random.default_rng(self.seed + self.epoch).permutation(self.n_windows)
             usable = self.n_windows // self.world_size * self.world_size
             shard = order[self.rank : usable : self.world_size]
-            return [shard[i : i + self.batch_size] for i in range(0, len(shard), self.batch_size)]
+            # Sorted within a batch: the gather then walks memory forwards (order is irrelevant).
+            return [
+                np.sort(shard[i : i + self.batch_size])
+                for i in range(0, len(shard), self.batch_size)
+            ]
         if self.n_windows == 0:
             return []
         shards = np.array_split(np.arange(self.n_windows), self.world_size)
@@ -200,6 +204,8 @@ class WindowBatchSampler(Sampler[np.ndarray]):
         return iter(self._batches())
 
     def __len__(self) -> int:
+        if self.shuffle:  # without drawing the permutation
+            return -(-(self.n_windows // self.world_size) // self.batch_size)
         return len(self._batches())
 
 
