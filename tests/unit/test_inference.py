@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
@@ -125,7 +126,7 @@ def test_checkpoint_with_foreign_normalizer_is_refused(
 )
 def test_wrapped_model_checkpoints_load(
     tmp_path: Path,
-    wrap: object,
+    wrap: Callable[[torch.nn.Module], torch.nn.Module],
     model: Stage1Model,
     config: DictConfig,
     train_dataset: Stage1Dataset,
@@ -133,7 +134,7 @@ def test_wrapped_model_checkpoints_load(
     frames: dict[str, pd.DataFrame],
 ) -> None:
     """Weights saved from a wrapped model carry the wrapper's prefix; they still load."""
-    state = wrap(model).state_dict()  # type: ignore[operator]
+    state = wrap(model).state_dict()
     assert all(key.startswith(("_orig_mod.", "module.")) for key in state)
     stats = train_dataset.normalizer.to_dict()
     path = export_checkpoint(tmp_path / "wrapped.pth", state, config, stats, 0, None)
