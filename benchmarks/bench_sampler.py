@@ -80,7 +80,11 @@ def assembly_rate(dm: Stage1DataModule, masking: MaskingStrategy, n_batches: int
 
 
 def rss_child(data_dir: Path, seq_len: int, batch_size: int) -> None:
-    """Fresh process: load, index, fit, then features + normalise + masks for EVERY window."""
+    """Fresh process: load, index, fit, then features + normalise + masks for EVERY window.
+
+    Torch runs on one thread here: memory does not depend on it, and the pass is faster on a
+    busy machine."""
+    torch.set_num_threads(1)
     dm = Stage1DataModule(data_dir, bench_config(data_dir, seq_len, batch_size, None))
     dm.setup()
     assert dm.sampler is not None

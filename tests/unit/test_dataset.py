@@ -126,19 +126,28 @@ def test_limit_train_windows_keeps_the_first_n(data_dir) -> None:
 
 
 # --------------------------------------------------------------------- loaders
-def loader_ids(loader) -> list[np.ndarray]:
-    return [batch["window_ids"].numpy() for batch in loader]
+def planned_ids(loader, dataset: Stage1Dataset) -> list[np.ndarray]:
+    """Window ids of each batch the loader will fetch (its index sampler, without features)."""
+    return [dataset.window_ids[positions] for positions in loader.sampler]
+
+
+def test_loader_batches_are_the_planned_windows(datamodule) -> None:
+    loader = datamodule.train_dataloader()
+    plan = planned_ids(loader, datamodule.datasets["train"])
+    for batch, ids in zip(loader, plan[:3], strict=False):
+        assert batch["features"].shape == (len(ids), 6, 16, 6)
+        np.testing.assert_array_equal(batch["window_ids"].numpy(), ids)
+    assert len(loader) == len(plan)
 
 
 def test_train_loader_shuffles_per_epoch_and_covers_the_split(datamodule) -> None:
     loader = datamodule.train_dataloader()
-    batch = next(iter(loader))
-    assert batch["features"].shape == (BATCH, 6, 16, 6)
-    assert loader.sampler.set_epoch is not None
-    epoch0 = np.concatenate(loader_ids(loader))
-    again = np.concatenate(loader_ids(loader))
-    loader.sampler.set_epoch(1)
-    epoch1 = np.concatenate(loader_ids(loader))
+    train = datamodule.datasets["train"]
+    assert max(len(ids) for ids in planned_ids(loader, train)) == BATCH
+    epoch0 = np.concatenate(planned_ids(loader, train))
+    again = np.concatenate(planned_ids(loader, train))
+    loader.sampler.set_epoch(1)  # Lightning calls this at the start of every epoch
+    epoch1 = np.concatenate(planned_ids(loader, train))
     np.testing.assert_array_equal(epoch0, again)
     assert not np.array_equal(epoch0, epoch1)
     assert sorted(epoch0) == sorted(epoch1) == sorted(datamodule.splits["train"])
@@ -147,9 +156,9 @@ def test_train_loader_shuffles_per_epoch_and_covers_the_split(datamodule) -> Non
 @pytest.mark.parametrize("split", ["val", "test"])
 def test_eval_loaders_visit_every_window_once_in_order(datamodule, split: str) -> None:
     loader = getattr(datamodule, f"{split}_dataloader")()
-    ids = np.concatenate(loader_ids(loader))
-    np.testing.assert_array_equal(ids, datamodule.splits[split])
-    assert max(len(b) for b in loader_ids(loader)) <= BATCH
+    batches = [batch["window_ids"].numpy() for batch in loader]
+    np.testing.assert_array_equal(np.concatenate(batches), datamodule.splits[split])
+    assert max(len(b) for b in batches) <= BATCH
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
@@ -158,8 +167,9 @@ def test_ranks_get_disjoint_shards_with_equal_steps(datamodule, world_size: int)
     for rank in range(world_size):
         datamodule.trainer = SimpleNamespace(global_rank=rank, world_size=world_size)
         try:
-            per_rank["train"].append(loader_ids(datamodule.train_dataloader()))
-            per_rank["test"].append(loader_ids(datamodule.test_dataloader()))
+            for split in per_rank:
+                loader = getattr(datamodule, f"{split}_dataloader")()
+                per_rank[split].append(planned_ids(loader, datamodule.datasets[split]))
         finally:
             datamodule.trainer = None
     for split, ranks in per_rank.items():
@@ -174,34 +184,32 @@ def test_ranks_get_disjoint_shards_with_equal_steps(datamodule, world_size: int)
             assert len(expected) - len(ids) < world_size
 
 
-def test_batch_size_smaller_than_world_size_is_a_config_error(data_dir) -> None:
-    dm = Stage1DataModule(data_dir, load_config("test", ["training.batch_size=2"]))
-    dm.setup()
-    dm.trainer = SimpleNamespace(global_rank=0, world_size=4)
-    with pytest.raises(ConfigError, match=r"training\.batch_size"):
-        dm.train_dataloader()
+def test_batch_size_smaller_than_world_size_is_a_config_error(datamodule) -> None:
+    datamodule.trainer = SimpleNamespace(global_rank=0, world_size=BATCH + 1)
+    try:
+        with pytest.raises(ConfigError, match=r"training\.batch_size"):
+            datamodule.train_dataloader()
+    finally:
+        datamodule.trainer = None
 
 
-def test_loader_settings_follow_the_config(data_dir) -> None:
+def test_loader_settings_follow_the_config(data_dir, datamodule) -> None:
     overrides = [
         "dataloader.num_workers=2",
         "dataloader.prefetch_factor=3",
         "dataloader.persistent_workers=true",
         "dataloader.pin_memory=true",
     ]
-    dm = Stage1DataModule(
-        data_dir, load_config("test", [*overrides, f"training.batch_size={BATCH}"])
-    )
+    config = load_config("test", [*overrides, f"training.batch_size={BATCH}"])
+    dm = Stage1DataModule(data_dir, config, normalizer=datamodule.normalizer)
     dm.setup()
     loader = dm.val_dataloader()
     assert loader.num_workers == 2 and loader.prefetch_factor == 3
     assert loader.persistent_workers
     assert loader.pin_memory == torch.cuda.is_available()  # pinning needs an accelerator
-    ids = np.concatenate(loader_ids(loader))  # worker processes assemble whole batches
+    ids = np.concatenate([b["window_ids"].numpy() for b in loader])  # batches from workers
     np.testing.assert_array_equal(ids, dm.splits["val"])
-    single = Stage1DataModule(data_dir, load_config("test"))
-    single.setup()
-    plain = single.val_dataloader()
+    plain = datamodule.val_dataloader()
     assert plain.num_workers == 0 and not plain.persistent_workers and plain.prefetch_factor is None
 
 
@@ -243,8 +251,8 @@ def test_too_few_rows_is_a_clear_error(data_dir, config) -> None:
         Stage1Dataset(data_dir, long, "train")
 
 
-def test_cache_dir_from_the_config(data_dir, tmp_path: Path) -> None:
+def test_cache_dir_from_the_config(data_dir, datamodule, tmp_path: Path) -> None:
     config = load_config("test", [f"data.cache_dir={tmp_path / 'cache'}"])
-    dataset = Stage1Dataset(data_dir, config, "train")
+    dataset = Stage1Dataset(data_dir, config, "train", datamodule.normalizer)
     assert dataset.sampler.cache_path is not None and dataset.sampler.cache_path.is_file()
     assert dataset.sampler.cache_path.parent == tmp_path / "cache"

@@ -17,6 +17,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import numpy.typing as npt
+import pyarrow
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -31,7 +32,7 @@ from stage1.errors import ConfigError
 SPLITS = ("train", "val", "test", "all")
 # Normalisation statistics converge long before this many windows; more only costs time.
 MAX_FIT_WINDOWS = 50_000
-FIT_CHUNK_WINDOWS = 4096
+FIT_CHUNK_WINDOWS = 1024  # bounds the float64 temporaries of the fit to ~15 MB
 
 Batch = dict[str, torch.Tensor]
 
@@ -47,11 +48,12 @@ def embargo_ns(config: Any) -> int:
 def build_sampler(data_dir: str | Path, config: Any) -> MultiTFWindowSampler:
     """Read ``data_dir`` for ``config.data.timeframes`` and index its windows."""
     data = config.data
+    tf_data = load_tf_data(data_dir, data.timeframes)
+    # Reading Parquet leaves Arrow's freed buffers cached in its allocator (about the size of
+    # the data); give them back to the OS before the sampler adds its own arrays.
+    pyarrow.default_memory_pool().release_unused()
     return MultiTFWindowSampler(
-        load_tf_data(data_dir, data.timeframes),
-        data.seq_len,
-        staleness_factor=data.staleness_factor,
-        cache_dir=data.cache_dir,
+        tf_data, data.seq_len, staleness_factor=data.staleness_factor, cache_dir=data.cache_dir
     )
 
 

@@ -51,12 +51,12 @@ class TFNormalizer:
                     f"features must be [..., {shape[0]}, seq_len, {shape[1]}], "
                     f"got {tuple(chunk.shape)}"
                 )
-            x = chunk.detach().cpu().to(torch.float64).transpose(-3, -2).reshape(-1, *shape)
-            n = x.shape[0]
+            x = chunk.detach().cpu().to(torch.float64).reshape(-1, *chunk.shape[-3:])
+            n = x.shape[0] * x.shape[2]  # windows x positions
             if n == 0:
                 continue
-            chunk_mean = x.mean(dim=0)
-            chunk_sq_dev = (x - chunk_mean).square().sum(dim=0)
+            chunk_mean = x.mean(dim=(0, 2))
+            chunk_sq_dev = (x - chunk_mean[:, None, :]).square_().sum(dim=(0, 2))
             delta = chunk_mean - mean
             total = count + n
             mean = mean + delta * (n / total)
