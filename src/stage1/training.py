@@ -1,0 +1,488 @@
+"""Training: Stage1LightningModule, callbacks, Trainer construction and ``stage1 train``.
+
+Batch size is GLOBAL: ``training.batch_size`` windows per optimizer micro-step summed over all
+devices and nodes. ``Stage1DataModule`` gives each process ``batch_size // world_size`` windows
+of its own shard, so changing ``--devices`` keeps the experiment (samples per step, schedule,
+number of steps) the same. ``accumulate_grad_batches`` multiplies the effective batch on top.
+
+Reproducibility: the run is seeded (``seed_everything``), deterministic on CPU, training masks
+come from a generator keyed by (seed, epoch, batch, rank) and the global RNG is re-seeded at each
+epoch start, so a run resumed from ``last.ckpt`` (saved at epoch end) retraces the uninterrupted
+run exactly. Validation masks are keyed by (seed, batch) only, so val loss is comparable across
+epochs.
+"""
+
+from __future__ import annotations
+
+import os
+
+# The guide's MPI workaround: Lightning probes MPI at import, which fails on some hosts (WSL).
+os.environ.setdefault("PYTORCH_LIGHTNING_DISABLE_MPI", "1")
+os.environ.setdefault("OMPI_DISABLED", "1")
+os.environ.setdefault("I_MPI_DISABLED", "1")
+
+import argparse
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import psutil
+import torch
+from lightning.pytorch.callbacks import (
+    Callback,
+    EarlyStopping,
+    LearningRateMonitor,
+    ModelCheckpoint,
+    TQDMProgressBar,
+)
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
+from matplotlib.figure import Figure
+from omegaconf import DictConfig
+
+from stage1.checkpoint import export_checkpoint, read_checkpoint
+from stage1.config import (
+    config_from_dict,
+    config_hash,
+    config_to_dict,
+    load_config,
+    save_config,
+)
+from stage1.data.dataset import Stage1DataModule
+from stage1.data.features import CLOSE
+from stage1.data.masking import MaskingStrategy
+from stage1.data.normalization import TFNormalizer
+from stage1.data.timeframes import sort_timeframes
+from stage1.errors import CheckpointError, ConfigError, TrainingDivergedError
+from stage1.losses import Stage1CombinedLoss
+from stage1.model.model import Stage1Model
+
+LOSS_KEYS = ("loss", "huber", "stft", "cross_tf", "amp_phase")
+BEST_NAME = "stage1_best"
+# Tags mixed into seeds, so train masks, eval masks and dropout never share a stream.
+_TRAIN_STREAM, _EVAL_STREAM, _DROPOUT_STREAM = 0, 1, 2
+
+
+def mixed_seed(*keys: int) -> int:
+    """One 63-bit seed from several integer keys (NumPy's SeedSequence mixes them, so nearby
+    keys give unrelated streams)."""
+    state = np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0]
+    return int(state) % (2**63)
+
+
+def mask_generator(device: torch.device, *keys: int) -> torch.Generator:
+    """A generator on ``device`` seeded from ``keys``."""
+    return torch.Generator(device=device).manual_seed(mixed_seed(*keys))
+
+
+def _hidden_mae_per_tf(
+    reconstructed: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor
+) -> torch.Tensor:
+    """MAE over hidden bars and all features, per timeframe: ``[n_tf]`` (0 where none hidden).
+
+    reconstructed, targets: ``[B, n_tf, L, 6]``; masks: bool ``[B, n_tf, L]``.
+    """
+    abs_err = (reconstructed.float() - targets.float()).abs().mean(-1)  # [B, n_tf, L]
+    hidden = masks.float()
+    return (abs_err * hidden).sum((0, 2)) / hidden.sum((0, 2)).clamp(min=1.0)
+
+
+class Stage1LightningModule(L.LightningModule):
+    """Masked-reconstruction training of :class:`Stage1Model`.
+
+    ``normalizer_stats`` is ``TFNormalizer.to_dict()`` of the train split; it is stored with the
+    config (both as plain dicts) in the checkpoint's hyper-parameters, so a ``.ckpt`` rebuilds
+    model, loss and normaliser without pickled objects.
+    """
+
+    def __init__(self, config: DictConfig | dict[str, Any], normalizer_stats: dict[str, Any]):
+        super().__init__()
+        config_dict = config_to_dict(config) if isinstance(config, DictConfig) else config
+        self.save_hyperparameters({"config": config_dict, "normalizer_stats": normalizer_stats})
+        self.config = config_from_dict(config_dict)
+        normalizer = TFNormalizer.from_dict(normalizer_stats)
+        self.timeframes = sort_timeframes(list(self.config.data.timeframes))
+        self.model = Stage1Model(self.config)
+        if self.config.training.compile:
+            # Compiles forward in place: parameter names stay free of '_orig_mod.'.
+            self.model.compile()
+        self.criterion = Stage1CombinedLoss(self.config, normalizer.mean, normalizer.std)
+        self.masking = MaskingStrategy(
+            self.config.masking, self.timeframes, int(self.config.data.seq_len)
+        )
+
+    def forward(self, features: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Tensor]:
+        """features ``[B, n_tf, L, 6]``, masks bool ``[B, n_tf, L]`` -> model outputs."""
+        return self.model(features, masks)
+
+    def on_fit_start(self) -> None:
+        # TF32 tensor cores for fp32 matmuls on Ampere+ GPUs; no effect on CPU.
+        torch.set_float32_matmul_precision("high")
+
+    def on_train_epoch_start(self) -> None:
+        # Dropout draws from the global RNG; re-seeding per epoch makes a resumed run exact.
+        torch.manual_seed(mixed_seed(self.config.seed, _DROPOUT_STREAM, self.current_epoch))
+
+    def _masks(self, batch: dict[str, torch.Tensor], batch_idx: int, stage: str) -> torch.Tensor:
+        times = batch["times"]
+        keys: tuple[int, ...]
+        if stage == "train":
+            keys = (_TRAIN_STREAM, self.current_epoch, batch_idx, self.global_rank)
+        else:
+            keys = (_EVAL_STREAM, batch_idx, self.global_rank)
+        return self.masking.generate(times, mask_generator(times.device, self.config.seed, *keys))
+
+    def _common_step(
+        self, batch: dict[str, torch.Tensor], batch_idx: int, stage: str
+    ) -> dict[str, torch.Tensor]:
+        """Mask, reconstruct, score and log one batch; returns loss and the tensors plotted."""
+        masks = self._masks(batch, batch_idx, stage)
+        reconstructed = self.model(batch["features"], masks)["reconstructed"]
+        losses = self.criterion(reconstructed, batch["targets"], masks, batch["times"])
+        if not torch.isfinite(losses["total"]):
+            raise TrainingDivergedError(
+                f"{stage} loss is {losses['total'].item()} at global step {self.global_step} "
+                f"(epoch {self.current_epoch}, batch {batch_idx}); lower "
+                "training.scheduler.max_lr or training.gradient_clip, or check the data"
+            )
+        batch_size = int(batch["features"].shape[0])
+        is_train = stage == "train"
+        # Averaged over ranks, so DDP curves and checkpoint choices match a one-device run.
+        log_kwargs: dict[str, Any] = {
+            "batch_size": batch_size,
+            "on_step": is_train,
+            "on_epoch": True,
+            "sync_dist": True,
+        }
+        values = {"loss": losses["total"], **{k: losses[k] for k in LOSS_KEYS[1:]}}
+        for name, value in values.items():
+            self.log(f"{stage}/{name}", value, prog_bar=name == "loss", **log_kwargs)
+        mae = _hidden_mae_per_tf(reconstructed.detach(), batch["targets"], masks)
+        for tf, value in zip(self.timeframes, mae, strict=True):
+            self.log(f"{stage}/mae_{tf}", value, **log_kwargs)
+        return {"loss": losses["total"], "reconstructed": reconstructed.detach(), "masks": masks}
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._common_step(batch, batch_idx, "train")["loss"]
+
+    def validation_step(
+        self, batch: dict[str, torch.Tensor], batch_idx: int
+    ) -> dict[str, torch.Tensor]:
+        return self._common_step(batch, batch_idx, "val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        return self._common_step(batch, batch_idx, "test")
+
+    def configure_optimizers(self) -> Any:
+        """AdamW + One-Cycle. Weight decay applies to matrices only (nanoGPT's rule): decaying
+        biases, norm gains and the mask embedding towards 0 only hurts."""
+        train_cfg = self.config.training
+        sched_cfg = train_cfg.scheduler
+        if sched_cfg.interval not in ("step", "epoch"):
+            raise ConfigError(
+                f"training.scheduler.interval: {sched_cfg.interval!r} is not 'step' or 'epoch'"
+            )
+        if not 0 < sched_cfg.pct_start < 1:
+            raise ConfigError(
+                f"training.scheduler.pct_start: must lie in (0, 1), got {sched_cfg.pct_start}"
+            )
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        groups = [
+            {
+                "name": "decay",  # LearningRateMonitor tags: lr-AdamW/decay, lr-AdamW/no_decay
+                "params": [p for p in params if p.ndim >= 2],
+                "weight_decay": train_cfg.optimizer.weight_decay,
+            },
+            {"name": "no_decay", "params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ]
+        optimizer = torch.optim.AdamW(
+            groups, lr=sched_cfg.max_lr, betas=tuple(train_cfg.optimizer.betas)
+        )
+        if sched_cfg.interval == "step":
+            total_steps = max(int(self.trainer.estimated_stepping_batches), 1)
+        else:
+            total_steps = max(int(self.trainer.max_epochs or 1), 1)
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer,
+            max_lr=sched_cfg.max_lr,
+            total_steps=total_steps,
+            pct_start=one_cycle_pct_start(sched_cfg.pct_start, total_steps),
+            # The config's betas hold; One-Cycle would otherwise cycle beta1 in 0.85-0.95.
+            cycle_momentum=False,
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": sched_cfg.interval},
+        }
+
+
+def one_cycle_pct_start(pct_start: float, total_steps: int) -> float:
+    """``pct_start`` unless it makes OneCycleLR divide by zero: its warm-up phase ends at step
+    ``pct_start * total_steps - 1``, and a phase ending at step 0 has zero length."""
+    if not math.isclose(pct_start * total_steps, 1.0):
+        return pct_start
+    return 2 / total_steps if total_steps > 2 else 0.25
+
+
+def _hidden_spans(hidden: np.ndarray) -> list[tuple[int, int]]:
+    """Contiguous True runs of a 1-D bool array as (start, end_exclusive)."""
+    edges = np.diff(np.concatenate([[0], hidden.astype(np.int8), [0]]))
+    return list(zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1), strict=True))
+
+
+def reconstruction_figure(
+    targets: torch.Tensor, reconstructed: torch.Tensor, masks: torch.Tensor, timeframes: list[str]
+) -> Figure:
+    """Truth vs reconstruction of the (normalised) close, one panel per timeframe, hidden spans
+    shaded. targets, reconstructed: ``[n_tf, L, 6]``; masks: bool ``[n_tf, L]``."""
+    fig = Figure(figsize=(10, 1.8 * len(timeframes)), constrained_layout=True)
+    axes = fig.subplots(len(timeframes), 1, sharex=True, squeeze=False)[:, 0]
+    for k, (ax, tf) in enumerate(zip(axes, timeframes, strict=True)):
+        ax.plot(targets[k, :, CLOSE].float().cpu().numpy(), color="black", label="truth")
+        ax.plot(reconstructed[k, :, CLOSE].float().cpu().numpy(), color="tab:red", label="recon")
+        for start, end in _hidden_spans(masks[k].cpu().numpy()):
+            ax.axvspan(start - 0.5, end - 0.5, color="tab:blue", alpha=0.15, lw=0)
+        ax.set_ylabel(f"{tf} close")
+    axes[0].legend(loc="upper left", fontsize="small")
+    axes[-1].set_xlabel("bar (oldest → newest); shaded = hidden")
+    return fig
+
+
+class ReconstructionPlotCallback(Callback):
+    """Logs truth vs reconstruction of the first validation window to TensorBoard (rank 0)."""
+
+    def on_validation_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        logger = trainer.logger
+        if batch_idx != 0 or trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        if not isinstance(logger, TensorBoardLogger):
+            return
+        assert isinstance(pl_module, Stage1LightningModule)
+        fig = reconstruction_figure(
+            batch["targets"][0],
+            outputs["reconstructed"][0],
+            outputs["masks"][0],
+            pl_module.timeframes,
+        )
+        logger.experiment.add_figure("val/reconstruction", fig, trainer.global_step)
+
+
+class MemoryMonitorCallback(Callback):
+    """Logs process RSS and, on CUDA, memory allocated/reserved every ``every_n_steps`` optimizer
+    steps (the guide's profile_memory_usage, as TensorBoard scalars)."""
+
+    def __init__(self, every_n_steps: int) -> None:
+        self.every_n_steps = max(int(every_n_steps), 1)
+        self._last_logged_step = -1
+        self._process = psutil.Process()
+
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        step = trainer.global_step
+        if step % self.every_n_steps or step == self._last_logged_step or trainer.logger is None:
+            return
+        self._last_logged_step = step
+        metrics = {"memory/rss_mb": self._process.memory_info().rss / 2**20}
+        if pl_module.device.type == "cuda":
+            metrics["memory/gpu_allocated_mb"] = (
+                torch.cuda.memory_allocated(pl_module.device) / 2**20
+            )
+            metrics["memory/gpu_reserved_mb"] = torch.cuda.memory_reserved(pl_module.device) / 2**20
+        if trainer.is_global_zero:
+            trainer.logger.log_metrics(metrics, step=step)
+
+
+def _batches_or_fraction(value: float | None) -> int | float | None:
+    """Config limits > 1 count batches (Lightning wants an int); <= 1 are fractions."""
+    if value is None:
+        return None
+    return int(value) if value > 1 else float(value)
+
+
+def _parse_devices(devices: str | int | None) -> int | str:
+    if devices is None:
+        return 1
+    text = str(devices)
+    return int(text) if text.isdigit() else text
+
+
+def build_trainer(
+    config: DictConfig,
+    output_dir: str | Path,
+    *,
+    devices: str | int | None = None,
+    accelerator: str | None = None,
+    strategy: str | None = None,
+    num_nodes: int | None = None,
+    fast_dev_run: bool = False,
+) -> L.Trainer:
+    """A Trainer from ``config.training``; CLI flags override the defaults (1 device, 'auto').
+
+    Checkpoints go to ``<output_dir>/checkpoints/`` (``stage1_best.ckpt`` on val loss and
+    ``last.ckpt``), TensorBoard logs to ``<output_dir>/logs/<experiment_name>/version_N``.
+    """
+    output_dir = Path(output_dir)
+    train_cfg = config.training
+    accelerator = accelerator or "auto"
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    # Without validation, the best model is chosen on the training loss instead.
+    validates = config.data.val_frac > 0 and train_cfg.limit_val_batches != 0
+    monitor = "val/loss" if validates else "train/loss_epoch"
+    callbacks: list[Callback] = [
+        ModelCheckpoint(
+            dirpath=output_dir / "checkpoints",
+            filename=BEST_NAME,
+            monitor=monitor,
+            mode="min",
+            save_top_k=1,
+            save_last=True,
+            auto_insert_metric_name=False,
+            enable_version_counter=False,
+        ),
+        EarlyStopping(monitor=monitor, mode="min", patience=train_cfg.early_stopping_patience),
+        LearningRateMonitor(logging_interval="step"),
+        TQDMProgressBar(),
+        ReconstructionPlotCallback(),
+        MemoryMonitorCallback(train_cfg.profile_every_n_steps),
+    ]
+    return L.Trainer(
+        accelerator=accelerator,
+        devices=_parse_devices(devices),
+        strategy=strategy or "auto",
+        num_nodes=num_nodes or 1,
+        precision=train_cfg.precision,
+        max_epochs=train_cfg.max_epochs,
+        max_steps=train_cfg.max_steps,
+        accumulate_grad_batches=train_cfg.accumulate_grad_batches,
+        gradient_clip_val=train_cfg.gradient_clip or None,
+        limit_train_batches=_batches_or_fraction(train_cfg.limit_train_batches),
+        limit_val_batches=_batches_or_fraction(train_cfg.limit_val_batches),
+        val_check_interval=_batches_or_fraction(train_cfg.val_check_interval),
+        log_every_n_steps=train_cfg.log_every_n_steps,
+        callbacks=callbacks,
+        logger=TensorBoardLogger(output_dir / "logs", name=config.experiment_name),
+        deterministic=on_cpu,
+        use_distributed_sampler=False,  # Stage1DataModule shards by rank itself
+        fast_dev_run=fast_dev_run,
+    )
+
+
+def _flag_overrides(args: argparse.Namespace) -> list[str]:
+    """CLI flags that are config values, as overrides (applied after the key=value ones)."""
+    flags = {
+        "training.max_epochs": args.max_epochs,
+        "training.batch_size": args.batch_size,
+        "training.precision": args.precision,
+    }
+    return [f"{key}={value}" for key, value in flags.items() if value is not None]
+
+
+def _resume_normalizer(path: Path, config: DictConfig) -> TFNormalizer:
+    """The normaliser a run was trained with, read from its checkpoint. Refuses to resume into
+    a different model or data layout (the weights and statistics would not fit)."""
+    _, stored_config, normalizer_stats, _ = read_checkpoint(path)
+    sections = ("data", "model")
+    if config_hash(config_from_dict(stored_config), sections) != config_hash(config, sections):
+        raise ConfigError(
+            f"{path}: --resume needs the same data.* and model.* settings as the checkpoint"
+        )
+    return TFNormalizer.from_dict(normalizer_stats)
+
+
+def run_train(args: argparse.Namespace) -> None:
+    """``stage1 train``: fit, then export ``<output_dir>/checkpoints/stage1_best.pth``."""
+    config = load_config(args.config, [*args.overrides, *_flag_overrides(args)])
+    output_dir = Path(args.output_dir or Path("runs") / config.experiment_name)
+    ckpt_dir = output_dir / "checkpoints"
+    resume_path, normalizer = None, None
+    if args.resume:
+        resume_path = ckpt_dir / "last.ckpt"
+        if not resume_path.is_file():
+            raise CheckpointError(f"{resume_path}: --resume needs this file from an earlier run")
+        normalizer = _resume_normalizer(resume_path, config)
+
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    datamodule = Stage1DataModule(args.data_dir, config, normalizer)
+    datamodule.setup("fit")  # fits the normaliser on the train split (unless resuming)
+    assert datamodule.normalizer is not None
+    normalizer_stats = datamodule.normalizer.to_dict()
+    # Set from the launcher's environment before any process group exists (DDP children).
+    if getattr(rank_zero_only, "rank", 0) == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, output_dir / "config.yaml")
+        datamodule.normalizer.save_stats(output_dir / "normalizer_stats.json", config_hash(config))
+
+    module = Stage1LightningModule(config, normalizer_stats)
+    trainer = build_trainer(
+        config,
+        output_dir,
+        devices=args.devices,
+        accelerator=args.accelerator,
+        strategy=args.strategy,
+        num_nodes=args.num_nodes,
+        fast_dev_run=args.fast_dev_run,
+    )
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path, weights_only=True)
+    if args.fast_dev_run or not trainer.is_global_zero:
+        return
+    export_path = export_best(trainer, module, ckpt_dir / f"{BEST_NAME}.pth")
+    print(f"run directory: {output_dir}")
+    print(f"best checkpoint: {trainer.checkpoint_callback.best_model_path or '(none)'}")  # type: ignore[union-attr]
+    print(f"exported model: {export_path}")
+    print(f"tensorboard --logdir {output_dir / 'logs'}")
+
+
+def export_best(trainer: L.Trainer, module: Stage1LightningModule, path: Path) -> Path:
+    """Export the best checkpoint's weights (or the final weights when none was saved)."""
+    callback = trainer.checkpoint_callback
+    assert isinstance(callback, ModelCheckpoint)
+    config, normalizer_stats = module.hparams["config"], module.hparams["normalizer_stats"]
+    if not callback.best_model_path:
+        state = module.model.state_dict()
+        return export_checkpoint(
+            path, state, config, normalizer_stats, epoch=trainer.current_epoch, best_loss=None
+        )
+    state, _, _, meta = read_checkpoint(callback.best_model_path)
+    score = callback.best_model_score
+    return export_checkpoint(
+        path,
+        state,
+        config,
+        normalizer_stats,
+        epoch=int(meta["epoch"]),
+        best_loss=None if score is None else float(score),
+    )
+
+
+def read_scalars(output_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """Scalars a run logged to TensorBoard, ``{tag: [(step, value), ...]}`` (newest version
+    directory under ``<output_dir>/logs/``), for plots and checks without TensorBoard's UI."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    versions = sorted(
+        Path(output_dir).glob("logs/*/version_*"), key=lambda p: int(p.name.split("_")[1])
+    )
+    if not versions:
+        raise FileNotFoundError(f"{output_dir}: no TensorBoard logs under logs/")
+    events = EventAccumulator(str(versions[-1]), size_guidance={"scalars": 0})
+    events.Reload()
+    return {
+        tag: [(event.step, event.value) for event in events.Scalars(tag)]
+        for tag in events.Tags()["scalars"]
+    }

@@ -1,0 +1,262 @@
+"""`stage1 train` through the real CLI on CPU: fast_dev_run, learning (overfit), exact resume,
+two-process DDP, bf16-mixed, the exported model, and the failures a user can hit."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import yaml
+
+import stage1.training as training
+from stage1.checkpoint import load_checkpoint
+from stage1.cli import main
+from stage1.config import config_to_dict, load_config
+from stage1.data.dataset import Stage1Dataset
+from stage1.data.normalization import TFNormalizer
+from stage1.errors import TrainingDivergedError
+from stage1.training import Stage1LightningModule, one_cycle_pct_start, read_scalars
+
+# Splits that fit the synthetic fixture's weeks with the test config's 64 h embargo.
+SPLITS = ["data.train_frac=0.4", "data.val_frac=0.3"]
+# Two optimizer steps and two validation batches per epoch: seconds per epoch on 2 CPU cores.
+SHORT = ["data.limit_train_windows=64", "training.limit_val_batches=2"]
+OVERFIT = ["training.limit_val_batches=2"]
+# Logs every step (the test config logs every 5 and profiles every 10: more than 6 steps).
+THREE_EPOCHS = [
+    *SHORT,
+    "training.max_epochs=3",
+    "training.log_every_n_steps=1",
+    "training.profile_every_n_steps=2",
+]
+
+
+def train(data_dir: Path, out: Path, *args: str, config: str = "test") -> int:
+    """`stage1 train` in this process (flags first, then key=value overrides)."""
+    flags = [a for a in args if "=" not in a]
+    overrides = [a for a in args if a not in flags]
+    argv = ["train", "--config", config, "--data_dir", str(data_dir), "--output_dir", str(out)]
+    return main([*argv, *flags, *SPLITS, *overrides])
+
+
+def last_checkpoint(out: Path) -> dict:
+    return torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def three_epoch_run(synthetic_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted 3-epoch run of the test config (2 steps per epoch)."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    assert train(synthetic_data_dir, out, *THREE_EPOCHS) == 0
+    return out
+
+
+def test_fast_dev_run_writes_config_and_stats_but_no_export(
+    synthetic_data_dir: Path, tmp_path: Path
+) -> None:
+    assert train(synthetic_data_dir, tmp_path, "--fast_dev_run") == 0
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert saved["experiment_name"] == "stage1_test"
+    assert saved["data"]["train_frac"] == 0.4, "the resolved config includes CLI overrides"
+    assert (tmp_path / "normalizer_stats.json").is_file()
+    assert not (tmp_path / "checkpoints" / "stage1_best.pth").exists()
+
+
+def test_run_logs_every_loss_component_per_tf_mae_lr_and_memory(three_epoch_run: Path) -> None:
+    scalars = read_scalars(three_epoch_run)
+    timeframes = load_config("test").data.timeframes
+    for stage in ("train", "val"):
+        suffix = "_epoch" if stage == "train" else ""
+        for name in ("loss", "huber", "stft", "cross_tf", "amp_phase"):
+            assert f"{stage}/{name}{suffix}" in scalars
+        for tf in timeframes:
+            assert f"{stage}/mae_{tf}{suffix}" in scalars
+    assert {"lr-AdamW/decay", "lr-AdamW/no_decay", "memory/rss_mb"} <= scalars.keys()
+    assert len(scalars["val/loss"]) == 3, "one validation per epoch"
+    lrs = [value for _, value in scalars["lr-AdamW/decay"]]
+    assert max(lrs) == pytest.approx(load_config("test").training.scheduler.max_lr, rel=0.5)
+    assert lrs[-1] < max(lrs), "One-Cycle anneals the learning rate"
+
+
+def test_exported_model_equals_the_trained_model(
+    three_epoch_run: Path, synthetic_data_dir: Path
+) -> None:
+    ckpt_dir = three_epoch_run / "checkpoints"
+    blob = torch.load(ckpt_dir / "stage1_best.pth", weights_only=True)
+    assert blob["format"] == "stage1-export-v1"
+    assert not [k for k in blob["model_state_dict"] if "_orig_mod" in k or "module." in k]
+    assert blob["config"] == yaml.safe_load((three_epoch_run / "config.yaml").read_text())
+    best = torch.load(ckpt_dir / "stage1_best.ckpt", weights_only=True)
+    best_score = next(v for k, v in best["callbacks"].items() if k.startswith("ModelCheckpoint"))
+    assert blob["best_loss"] == pytest.approx(float(best_score["best_model_score"]))
+    assert blob["epoch"] == best["epoch"]
+
+    # The trained module as Lightning rebuilds it from its own checkpoint (hparams only).
+    trained = Stage1LightningModule.load_from_checkpoint(
+        ckpt_dir / "stage1_best.ckpt", map_location="cpu", weights_only=True
+    ).eval()
+    exported, config, normalizer_stats, meta = load_checkpoint(ckpt_dir / "stage1_best.pth")
+    assert meta["source"] == "export"
+    val = Stage1Dataset(synthetic_data_dir, config, "val", TFNormalizer.from_dict(normalizer_stats))
+    batch = val.get_batch(range(8))
+    masks = torch.stack([val[i]["masks"] for i in range(8)])
+    with torch.no_grad():
+        expected = trained(batch["features"], masks)
+        actual = exported(batch["features"], masks)
+    for key in ("reconstructed", "encoded"):
+        torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0)
+
+
+class _CrashAtEpoch(L.Callback):
+    """Stands in for a killed process: dies when epoch ``epoch`` starts (after the previous
+    epoch's last.ckpt is written)."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch == self.epoch:
+            raise RuntimeError(f"simulated crash at epoch {self.epoch}")
+
+
+@pytest.mark.slow
+def test_resumed_run_ends_where_the_uninterrupted_run_ends(
+    three_epoch_run: Path,
+    synthetic_data_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Tolerance: none. On CPU (deterministic) the resumed run's weights, optimizer state,
+    scheduler and best score are bit-for-bit those of the uninterrupted run."""
+    build_trainer = training.build_trainer
+
+    def crashing_trainer(*args: object, **kwargs: object) -> L.Trainer:
+        trainer = build_trainer(*args, **kwargs)  # type: ignore[arg-type]
+        trainer.callbacks.append(_CrashAtEpoch(2))  # type: ignore[attr-defined]
+        return trainer
+
+    monkeypatch.setattr(training, "build_trainer", crashing_trainer)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(synthetic_data_dir, tmp_path, *THREE_EPOCHS)
+    monkeypatch.setattr(training, "build_trainer", build_trainer)
+    assert last_checkpoint(tmp_path)["epoch"] == 1, "killed after two of three epochs"
+
+    assert train(synthetic_data_dir, tmp_path, "--resume", *THREE_EPOCHS) == 0
+    resumed, uninterrupted = last_checkpoint(tmp_path), last_checkpoint(three_epoch_run)
+    assert (resumed["epoch"], resumed["global_step"]) == (2, 6)
+    assert resumed["global_step"] == uninterrupted["global_step"]
+    for key, value in uninterrupted["state_dict"].items():
+        assert torch.equal(resumed["state_dict"][key], value), key
+    for a, b in zip(
+        resumed["optimizer_states"][0]["state"].values(),
+        uninterrupted["optimizer_states"][0]["state"].values(),
+        strict=True,
+    ):
+        assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(
+            a["exp_avg_sq"], b["exp_avg_sq"]
+        )
+    assert resumed["lr_schedulers"] == uninterrupted["lr_schedulers"]
+    scores = [
+        next(v for k, v in ckpt["callbacks"].items() if k.startswith("ModelCheckpoint"))
+        for ckpt in (resumed, uninterrupted)
+    ]
+    assert torch.equal(scores[0]["best_model_score"], scores[1]["best_model_score"])
+
+
+@pytest.mark.slow
+def test_overfit_config_drives_training_loss_down_90_percent(
+    synthetic_data_dir: Path, tmp_path: Path
+) -> None:
+    """Proof that model + loss can learn: the overfit config on a small fixed subset."""
+    assert train(synthetic_data_dir, tmp_path, *OVERFIT, config="overfit_test") == 0
+    scalars = read_scalars(tmp_path)
+    first = scalars["train/loss_step"][0][1]
+    final = scalars["train/loss_epoch"][-1][1]
+    assert math.isfinite(final)
+    assert final <= 0.1 * first, f"training loss fell only from {first:.4f} to {final:.4f}"
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_with_ddp(synthetic_data_dir: Path, tmp_path: Path) -> None:
+    """Lightning's 'ddp' re-launches the command line, so this runs the real console entry."""
+    argv = [sys.executable, "-m", "stage1.cli", "train", "--config", "test"]
+    argv += ["--data_dir", str(synthetic_data_dir), "--output_dir", str(tmp_path)]
+    argv += ["--devices", "2", "--strategy", "ddp", "--accelerator", "cpu"]
+    argv += [*SPLITS, *SHORT, "training.max_epochs=1"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600, env=env)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    assert "GLOBAL_RANK: 0, MEMBER: 1/2" in output
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in output
+    assert (tmp_path / "checkpoints" / "stage1_best.pth").is_file()
+    # Global batch 32 over 2 processes: 16 windows each, 32 per optimizer step, 2 steps.
+    assert last_checkpoint(tmp_path)["global_step"] == 2
+
+
+def test_bf16_mixed_precision_runs_on_cpu(synthetic_data_dir: Path, tmp_path: Path) -> None:
+    args = ("--precision", "bf16-mixed", *SHORT, "training.max_epochs=1")
+    assert train(synthetic_data_dir, tmp_path, *args) == 0
+    assert last_checkpoint(tmp_path)["hyper_parameters"]["config"]["training"]["precision"] == (
+        "bf16-mixed"
+    )
+    losses = [value for _, value in read_scalars(tmp_path)["train/loss_step"]]
+    assert losses and all(math.isfinite(v) for v in losses)
+
+
+def test_resume_without_last_checkpoint_is_a_one_line_error(
+    synthetic_data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert train(synthetic_data_dir, tmp_path, "--resume") == 2
+    err = capsys.readouterr().err.strip()
+    assert "last.ckpt" in err and "--resume" in err
+    assert len(err.splitlines()) == 1
+
+
+def test_resume_into_a_different_model_is_refused(
+    three_epoch_run: Path, synthetic_data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rc = train(synthetic_data_dir, three_epoch_run, "--resume", *SHORT, "model.d_model=32")
+    assert rc == 2
+    assert "same data.* and model.* settings" in capsys.readouterr().err
+
+
+def test_non_finite_loss_names_the_step() -> None:
+    config = load_config("test")
+    n_tf, seq_len = len(config.data.timeframes), config.data.seq_len
+    stats = {
+        "timeframes": list(config.data.timeframes),
+        "feature_names": ["open", "high", "low", "close", "delta_close", "body_ratio"],
+        "mean": [[0.0] * 6] * n_tf,
+        "std": [[1.0] * 6] * n_tf,
+    }
+    module = Stage1LightningModule(config_to_dict(config), stats)
+    features = torch.full((2, n_tf, seq_len, 6), float("nan"))
+    minutes = torch.tensor([1, 5, 15, 30, 60, 240])[:, None] * torch.arange(seq_len)
+    times = (minutes * 60_000_000_000).expand(2, n_tf, seq_len).contiguous()
+    batch = {"features": features, "targets": features, "times": times}
+    with pytest.raises(TrainingDivergedError, match=r"nan at global step 0 \(epoch 0, batch 0\)"):
+        module.training_step(batch, 0)
+
+
+@pytest.mark.parametrize("pct_start", [0.05, 0.1, 0.25, 0.5, 0.9])
+def test_one_cycle_schedule_runs_for_any_number_of_steps(pct_start: float) -> None:
+    """OneCycleLR divides by zero when pct_start * total_steps == 1 (e.g. 10 steps at 0.1)."""
+    for total_steps in range(1, 64):
+        optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer,
+            max_lr=1e-3,
+            total_steps=total_steps,
+            pct_start=one_cycle_pct_start(pct_start, total_steps),
+            cycle_momentum=False,
+        )
+        for _ in range(total_steps):
+            optimizer.step()
+            schedule.step()
