@@ -173,7 +173,10 @@ class MultiTFWindowSampler:
     def _load_or_build(self, path: Path) -> IntArray:
         if path.is_file():
             try:
-                return self._checked_cache(np.load(path, allow_pickle=False))
+                # Memory-mapped: no copy; pages are read on first use (written atomically, so
+                # the file never changes under the mapping).
+                mapped = np.load(path, mmap_mode="r", allow_pickle=False)
+                return self._checked_cache(np.asarray(mapped))
             except (OSError, ValueError, EOFError) as exc:
                 warnings.warn(
                     f"sampler cache {path} is unreadable ({exc}); rebuilding it", stacklevel=3
