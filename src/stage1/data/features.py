@@ -10,6 +10,7 @@ changes nothing, and ``to_prices`` inverts the price features given ``ref``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -32,9 +33,13 @@ def _as_float64(ohlc: np.ndarray | torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(ohlc, dtype=np.float64)
 
 
-def _log1p_float32(x: np.ndarray) -> np.ndarray:
-    """``log1p(x)`` in float32 (torch's vectorised kernel beats NumPy's here)."""
-    return torch.log1p_(torch.from_numpy(x.astype(np.float32))).numpy()
+def _log_ratio(new: np.ndarray, base: np.ndarray) -> np.ndarray:
+    """``log(new / base)`` as float32: ``log1p((new - base) / base)`` with the relative change
+    formed in float64 and only the log1p of that small number taken in float32, which is exact
+    to float32 precision and several times cheaper than a float64 log."""
+    change = np.empty(np.broadcast_shapes(new.shape, base.shape), dtype=np.float32)
+    np.divide(new - base, base, out=change, casting="same_kind")
+    return torch.log1p_(torch.from_numpy(change)).numpy()
 
 
 class FeatureEngineer:
@@ -60,19 +65,18 @@ class FeatureEngineer:
         prices = _as_float64(ohlc)
         if prices.ndim < 3 or prices.shape[-1] != 4:
             raise ValueError(f"ohlc must be [..., n_tf, seq_len, 4], got {tuple(prices.shape)}")
-        # Ratios are formed in float64; log1p of (ratio - 1), which is small, is exact to
-        # float32 precision when taken in float32, and much cheaper than a float64 log.
-        per_window = prices.reshape(-1, prices[0].size if prices.ndim > 3 else prices.size)
-        rel = (per_window / per_window[:, :1]).reshape(prices.shape) - 1.0
+        per_window = prices.reshape(-1, math.prod(prices.shape[-3:]))  # one row per window
+        log_rel = _log_ratio(per_window, per_window[:, :1]).reshape(prices.shape)  # ref: open[0]
         close = prices[..., CLOSE]
         prev_close = np.concatenate([prices[..., :1, OPEN], close[..., :-1]], axis=-1)
-        body = close - prices[..., OPEN]
-        bar_range = prices[..., HIGH] - prices[..., LOW]
-        flat = bar_range <= 0
-        features = np.empty((*prices.shape[:-1], N_FEATURES), dtype=np.float32)
-        features[..., :4] = _log1p_float32(rel)
-        features[..., DELTA_CLOSE] = _log1p_float32((close - prev_close) / prev_close)
-        features[..., BODY_RATIO] = np.where(flat, 0.0, body / np.where(flat, 1.0, bar_range))
+        # A flat bar (high == low) has open == close, so flooring the range at the smallest
+        # positive float makes its ratio 0 without a masked (slow) division.
+        bar_range = np.maximum(prices[..., HIGH] - prices[..., LOW], np.finfo(np.float64).tiny)
+        body_ratio = np.empty(bar_range.shape, dtype=np.float32)
+        np.divide(close - prices[..., OPEN], bar_range, out=body_ratio, casting="same_kind")
+        features = np.concatenate(
+            [log_rel, _log_ratio(close, prev_close)[..., None], body_ratio[..., None]], axis=-1
+        )
         device = ohlc.device if isinstance(ohlc, torch.Tensor) else torch.device("cpu")
         out = torch.from_numpy(features).to(device)
         return out, out.clone()
