@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from stage1.config import load_config
+from stage1.data import dataset as dataset_module
 from stage1.data.dataset import Stage1Dataset, build_sampler, build_splits
 from stage1.data.features import FEATURE_NAMES
 from stage1.data.io import aggregate_bars, load_tf_data, write_bars
@@ -111,6 +113,13 @@ def test_unreadable_stats_file_names_the_file(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------- fitted on train only
+@pytest.fixture
+def small_fit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fit on at most 5000 train windows (instead of 50 000) to keep these tests quick."""
+    fit = functools.partial(dataset_module.fit_normalizer, max_windows=5000)
+    monkeypatch.setattr(dataset_module, "fit_normalizer", fit)
+
+
 def write_dataset(m1: pd.DataFrame, out: Path, timeframes: list[str]) -> Path:
     out.mkdir(parents=True)
     for tf in timeframes:
@@ -118,6 +127,7 @@ def write_dataset(m1: pd.DataFrame, out: Path, timeframes: list[str]) -> Path:
     return out
 
 
+@pytest.mark.usefixtures("small_fit")
 def test_normalizer_is_fitted_on_train_windows_only(tmp_path: Path) -> None:
     """Wild prices after the train split leave the stats unchanged; wild train prices do not."""
     timeframes = ["m1", "m5", "m15", "h1"]
@@ -150,6 +160,7 @@ def test_normalizer_is_fitted_on_train_windows_only(tmp_path: Path) -> None:
 
 
 @pytest.mark.real_data
+@pytest.mark.usefixtures("small_fit")
 def test_normalizer_is_fitted_on_train_windows_only_real(real_data_dir: Path) -> None:
     """Real USDJPY: scrambling every bar after the train split leaves the stats unchanged."""
     timeframes = ["m1", "m5", "m15", "m30", "h1", "h4"]

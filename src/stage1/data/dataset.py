@@ -139,7 +139,7 @@ class Stage1Dataset(Dataset[Batch]):
             "features": features,
             "targets": features.clone(),
             "times": torch.from_numpy(times),
-            "ref_price": self.engineer.reference_prices(ohlc).clone(),
+            "ref_price": self.engineer.reference_prices(ohlc),
             "window_ids": torch.from_numpy(ids),
         }
 
