@@ -143,8 +143,18 @@ def rss_child(data_dir: Path, seq_len: int, batch_size: int) -> None:
         for batch in loader:
             masking.generate(batch["times"])
             n_windows += len(batch["window_ids"])
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-    print(f"{peak_mib:.0f} {n_windows} {len(dm.sampler)}")
+    print(f"{peak_rss_mib():.0f} {n_windows} {len(dm.sampler)}")
+
+
+def peak_rss_mib() -> float:
+    """Peak RSS of this process image. ru_maxrss is not enough on Linux: it survives exec and
+    so can report the (larger) parent that spawned us; VmHWM belongs to this image only."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def bench_rss(data_dir: Path, args: argparse.Namespace) -> None:
