@@ -64,7 +64,10 @@ def _add_config_args(p: argparse.ArgumentParser, config_required: bool = True) -
     )
     p.add_argument("--data_dir", required=True, help="derived data directory (see stage1 prepare)")
     p.add_argument(
-        "overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. data.seq_len=32"
+        "overrides",
+        nargs="*",
+        metavar="key.sub=value",
+        help="config overrides, e.g. data.seq_len=32",
     )
 
 
@@ -84,7 +87,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num_nodes", type=int, default=None)
     p.add_argument("--precision", default=None, help="32, 16-mixed, bf16-mixed")
     p.add_argument("--fast_dev_run", action="store_true", help="one batch of train/val, no export")
-    p.add_argument("--resume", action="store_true", help="resume from <output_dir>/checkpoints/last.ckpt")
+    p.add_argument(
+        "--resume", action="store_true", help="resume from <output_dir>/checkpoints/last.ckpt"
+    )
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
@@ -99,7 +104,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     _add_config_args(p, config_required=False)
     p.add_argument("--ckpt", required=True, help="stage1_best.pth export or Lightning .ckpt")
     p.add_argument("--split", default=None, choices=["test", "val", "train", "all"])
-    p.add_argument("--output", default=None, help="metrics JSON (default: <report_dir>/metrics.json)")
+    p.add_argument(
+        "--output", default=None, help="metrics JSON (default: <report_dir>/metrics.json)"
+    )
     p.add_argument("--report_dir", default=None, help="plots + report.html (default: beside ckpt)")
 
 
@@ -114,7 +121,9 @@ def _add_encode(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output .parquet, or .npy (+ _timestamps.npy)")
     p.add_argument("--start", default=None, help="first anchor time (UTC), e.g. 2019-06-01")
     p.add_argument("--end", default=None, help="last anchor time (UTC)")
-    p.add_argument("--pool", default=None, choices=["mean", "flatten"], help="one vector per anchor")
+    p.add_argument(
+        "--pool", default=None, choices=["mean", "flatten"], help="one vector per anchor"
+    )
     p.add_argument("--batch_size", type=int, default=1024)
     p.add_argument("--device", default=None, help="cpu, cuda (default: cuda if available)")
 

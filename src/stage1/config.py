@@ -179,7 +179,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
         parents = [parents]
     if not isinstance(parents, ListConfig | list):
         raise ConfigError(f"{path}: 'defaults' must be a list of config names")
-    merged = OmegaConf.create()
+    merged: Any = OmegaConf.create()
     for name in parents:
         parent = path.parent / (str(name) if str(name).endswith(".yaml") else f"{name}.yaml")
         merged = OmegaConf.merge(merged, _read_yaml(parent, (*seen, path)))
@@ -206,7 +206,9 @@ def _validate(cfg: DictConfig) -> None:
     if not (0 < data.train_frac < 1 and 0 <= data.val_frac < 1):
         raise ConfigError("data.train_frac / data.val_frac: must lie in (0, 1) and [0, 1)")
     if data.train_frac + data.val_frac >= 1:
-        raise ConfigError("data.train_frac + data.val_frac: must be < 1 (the rest is the test split)")
+        raise ConfigError(
+            "data.train_frac + data.val_frac: must be < 1 (the rest is the test split)"
+        )
     if training.precision not in PRECISIONS:
         raise ConfigError(
             f"training.precision: {training.precision!r} is not one of {sorted(PRECISIONS)}"
@@ -232,9 +234,7 @@ def resolve_config_path(path: str | Path) -> Path:
     return shipped if shipped.is_file() else candidate
 
 
-def load_config(
-    path: str | Path | None = None, overrides: Sequence[str] = ()
-) -> DictConfig:
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> DictConfig:
     """Load ``path`` (or the schema defaults), apply ``key.sub=value`` overrides, validate."""
     schema = OmegaConf.structured(Stage1Config)
     try:

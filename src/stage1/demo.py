@@ -35,7 +35,9 @@ def _prepare_data(args: argparse.Namespace, out: Path, timeframes: list[str]) ->
         return Path(args.data_dir)
     data_dir = out / "data"
     if args.input is not None:
-        prepare(Path(args.input), data_dir, tz=args.tz, fmt="auto", timeframes=timeframes, force=True)
+        prepare(
+            Path(args.input), data_dir, tz=args.tz, fmt="auto", timeframes=timeframes, force=True
+        )
         return data_dir
     from stage1.data.synthetic import generate_m1
 
