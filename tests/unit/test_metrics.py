@@ -76,6 +76,9 @@ def multi_tf_batch(seed: int, n: int = 32) -> tuple[np.ndarray, np.ndarray, np.n
         for _ in range(rng.integers(1, 3)):
             start_pos = int(rng.integers(1, SEQ_LEN))
             row[start_pos : start_pos + int(rng.integers(1, 5))] = True
+    # Synchronise as evaluation does: base minute 4L + p lies in m5 bar (4L + p) // 5.
+    for p in range(SEQ_LEN):
+        masks[:, 1, (4 * SEQ_LEN + p) // 5] |= masks[:, 0, p]
     return features, masks, times
 
 
@@ -94,6 +97,23 @@ def test_find_spans_and_count_spans():
     assert find_spans(row) == [(0, 1), (2, 4), (6, 7)]
     assert find_spans(np.zeros(5, dtype=bool)) == []
     assert count_spans(np.stack([row, np.ones(7, dtype=bool)])) == 4
+
+
+def test_right_edge_bars_are_those_after_the_last_visible_information():
+    minute = NS_PER_MINUTE
+    # Anchor at minute 18: m1 bars open at 12..17, m3 bars at 0, 3, ..., 15.
+    times = np.stack([np.arange(12, 18) * minute, np.arange(0, 6) * 3 * minute])[None]
+    masks = np.zeros((1, 2, 6), dtype=bool)
+    masks[0, 0, 4:] = True  # the newest two m1 bars (minutes 16-18)
+    masks[0, 1, 5] = True  # the m3 bar 15-18 overlapping them (synchronised)
+    right = span_class_masks(masks, times, ["m1", "m3"])["right_edge"]
+    assert right[0, 0].tolist() == [False] * 4 + [True, True]
+    assert right[0, 1].tolist() == [False] * 5 + [True]
+    # Hiding only the newest m3 bar: the visible m1 bar closing at minute 18 gives its close
+    # away, so it is interior although its span ends at the newest m3 bar.
+    masks[0, 0] = False
+    classes = span_class_masks(masks, times, ["m1", "m3"])
+    assert not classes["right_edge"].any() and classes["interior"][0, 1, 5]
 
 
 def test_mae_on_hidden_ignores_visible_positions():
@@ -184,10 +204,8 @@ def test_leaky_model_trips_the_right_edge_alarm_and_an_honest_one_does_not():
     assert leak_alarms(evaluate(truth, honest, masks, times)["per_tf"], {}) == []
     # The leaky "model" guesses like an honest one but returns the true values on right-edge
     # spans, as if it had seen the newest bars.
-    leaky = honest.copy()
-    for k in range(2):
-        right_edge = span_class_masks(masks[:, k])["right_edge"]
-        leaky[:, k][right_edge] = truth[:, k][right_edge]
+    right_edge = span_class_masks(masks, times, TIMEFRAMES)["right_edge"]
+    leaky = np.where(right_edge[..., None], truth, honest)
     result = evaluate(truth, leaky, masks, times)
     alarms = leak_alarms(result["per_tf"], {})
     assert any(a.startswith("m1:") and "right-edge" in a for a in alarms)

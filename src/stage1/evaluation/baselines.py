@@ -11,9 +11,10 @@ baseline's guess at hidden positions, so a caller can score hidden positions and
 series (truth where visible, guess where hidden). A baseline only ever reads visible values.
 
 A hidden *span* is a maximal run of hidden positions. Its neighbours are the last visible bar
-before it (``prev``) and the first visible bar after it (``next``). A span with no ``next`` ends at
-the newest bar of the window (a *right-edge* span); a span with no ``prev`` starts at position 0
-(possible on coarse timeframes only: the base timeframe's position 0 is never hidden).
+before it (``prev``) and the first visible bar after it (``next``) in the same timeframe. A span
+with no ``next`` ends at the newest bar of its timeframe and is extrapolated (carried forward); a
+span with no ``prev`` starts at position 0 (possible on coarse timeframes only: the base
+timeframe's position 0 is never hidden).
 """
 
 from __future__ import annotations

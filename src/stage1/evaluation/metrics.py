@@ -13,7 +13,8 @@ Conventions (also written into the metrics JSON under ``definitions``):
   four price features (open, high, low, close); every price feature has the same number of hidden
   bars, so this is the pooled MAE. Headline ``skill_X = 1 - mae_model / mae_X`` uses those means;
   ``skill_best`` compares with the best baseline chosen per feature.
-* ``interior`` spans end before the newest bar of the window; ``right_edge`` spans end at it.
+* ``right_edge`` bars are hidden bars after the last visible information of the window (see
+  :func:`span_class_masks`); every other hidden bar is ``interior``.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from stage1.evaluation.baselines import (
     BASELINE_NAMES,
     PRICE_FEATURES,
     all_baselines,
-    neighbour_indices,
 )
 
 SOURCES = ("model", *BASELINE_NAMES)
@@ -50,13 +50,25 @@ def find_spans(mask_row: np.ndarray) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2], strict=True)]
 
 
-def span_class_masks(masks: np.ndarray) -> dict[str, np.ndarray]:
-    """Split hidden positions by span class: ``{'interior': [N, L], 'right_edge': [N, L]}``.
+def span_class_masks(
+    masks: np.ndarray, times: np.ndarray, timeframes: Sequence[str]
+) -> dict[str, np.ndarray]:
+    """Split hidden bars into ``right_edge`` and ``interior``, all timeframes of a window at once.
 
-    masks: bool ``[N, L]``. A right-edge span has no visible bar after it.
+    A hidden bar is at the right edge when no visible bar of ANY timeframe closes at or after
+    its close: nothing later is known, so its close is a martingale step from the last known
+    price and no honest model beats "carry the last close" there. On the base timeframe these
+    are exactly the spans that end at the newest bar. On a coarser timeframe a hidden newest bar
+    whose close a visible finer bar gives away (a finer bar closing at the same time, or later)
+    counts as interior: it is bridged, not extrapolated.
+
+    masks: bool ``[N, n_tf, L]``; times: bar open times, int64 ns ``[N, n_tf, L]``.
+    Returns ``{'interior', 'right_edge'}``, each bool ``[N, n_tf, L]``.
     """
-    _, next_ = neighbour_indices(masks)
-    right_edge = masks & (next_ == masks.shape[1])
+    durations = np.array([tf_ns(tf) for tf in timeframes], dtype=np.int64)
+    closes = times + durations[None, :, None]
+    last_visible_close = np.where(masks, np.iinfo(np.int64).min, closes).max(axis=(1, 2))
+    right_edge = masks & (closes > last_visible_close[:, None, None])
     return {"interior": masks & ~right_edge, "right_edge": right_edge}
 
 
@@ -183,7 +195,9 @@ class MetricAccumulator:
         n_tf = len(self.timeframes)
         self.abs_err = np.zeros((n_tf, len(SOURCES), len(SPAN_CLASSES), N_FEATURES))
         self.n_bars = np.zeros((n_tf, len(SPAN_CLASSES)), dtype=np.int64)
+        # Spans per class (runs of that class's bars) and in all; a coarse span can be split.
         self.n_spans = np.zeros((n_tf, len(SPAN_CLASSES)), dtype=np.int64)
+        self.n_spans_total = np.zeros(n_tf, dtype=np.int64)
         self.price_abs_err = np.zeros(n_tf)
         self.n_price_bars = np.zeros(n_tf, dtype=np.int64)
         # Pearson sums per timeframe: model close, model delta_close, interp close.
@@ -213,13 +227,14 @@ class MetricAccumulator:
         self.n_windows += truth.shape[0]
         interp_all = np.empty_like(truth)
         composite_base: np.ndarray | None = None
+        classes = span_class_masks(masks, times, self.timeframes)
         for k, tf in enumerate(self.timeframes):
             values, tf_masks = truth[:, k], masks[:, k]
             guesses = {"model": pred[:, k], **all_baselines(values, tf_masks)}
             interp_all[:, k] = guesses["interp"]
-            classes = span_class_masks(tf_masks)
+            self.n_spans_total[k] += count_spans(tf_masks)
             for c, name in enumerate(SPAN_CLASSES):
-                hidden = classes[name]
+                hidden = classes[name][:, k]
                 self.n_bars[k, c] += int(hidden.sum())
                 self.n_spans[k, c] += count_spans(hidden)
                 for s, source in enumerate(SOURCES):
@@ -259,13 +274,10 @@ class MetricAccumulator:
                 self.spectrum_sum[k, s] += log_spectrum_error(composite, true_close).sum()
             self.spectrum_rows[k] += int(rows.sum())
 
-    def _block(self, k: int, class_ids: Sequence[int]) -> dict[str, Any]:
+    def _block(self, k: int, class_ids: Sequence[int], n_spans: int) -> dict[str, Any]:
         """MAE and skills of timeframe ``k`` over the given span classes."""
         n_bars = int(self.n_bars[k, list(class_ids)].sum())
-        block: dict[str, Any] = {
-            "n_hidden_bars": n_bars,
-            "n_spans": int(self.n_spans[k, list(class_ids)].sum()),
-        }
+        block: dict[str, Any] = {"n_hidden_bars": n_bars, "n_spans": n_spans}
         with np.errstate(invalid="ignore", divide="ignore"):
             raw = self.abs_err[k][:, list(class_ids)].sum(axis=1) / n_bars  # [sources, F]
         mae = raw / self.feature_std[k]  # normalised units
@@ -295,7 +307,7 @@ class MetricAccumulator:
         values (e.g. a timeframe with no hidden bar)."""
         per_tf: dict[str, Any] = {}
         for k, tf in enumerate(self.timeframes):
-            entry = self._block(k, range(len(SPAN_CLASSES)))
+            entry = self._block(k, range(len(SPAN_CLASSES)), int(self.n_spans_total[k]))
             price = self.price_abs_err[k] / self.n_price_bars[k] if self.n_price_bars[k] else None
             entry["mae_price"] = _finite_or_none(price) if price is not None else None
             entry["mae_pips"] = _finite_or_none(price / pip) if price is not None and pip else None
@@ -313,7 +325,7 @@ class MetricAccumulator:
             entry["consistency_ratio"] = float(agree / checked) if checked else None
             entry["consistency_n"] = int(checked)
             for c, name in enumerate(SPAN_CLASSES):
-                entry[name] = self._block(k, [c])
+                entry[name] = self._block(k, [c], int(self.n_spans[k, c]))
             per_tf[tf] = entry
         return {"n_windows": self.n_windows, "per_tf": per_tf, "mean": mean_over_timeframes(per_tf)}
 
@@ -345,8 +357,9 @@ def mean_over_timeframes(per_tf: Mapping[str, Mapping[str, Any]]) -> dict[str, A
 def leak_alarms(per_tf: Mapping[str, Mapping[str, Any]], probe: Mapping[str, Any]) -> list[str]:
     """Leak warnings, empty when clean (SPEC §6).
 
-    * close skill (best baseline) on right-edge spans above 1 % on any timeframe: the newest
-      close is a martingale, so beating "carry the last close" there means the model saw it;
+    * close skill (best baseline) on right-edge bars above 1 % on any timeframe: nothing after
+      them is visible, so their close is a martingale step and beating "carry the last close"
+      there means the model saw it;
     * a sign probe AUC above 0.55: the sign of the next return is nearly unpredictable, so this
       points to future information in the window features.
     """
@@ -356,9 +369,10 @@ def leak_alarms(per_tf: Mapping[str, Mapping[str, Any]], probe: Mapping[str, Any
         value = close.get("skill_best")
         if value is not None and value > RIGHT_EDGE_SKILL_ALARM:
             alarms.append(
-                f"{tf}: close skill on right-edge spans is {value:+.3f} > "
-                f"{RIGHT_EDGE_SKILL_ALARM:.2f} against the best naive baseline; the newest close "
-                "should be unpredictable beyond 'carry the last close' - check for leakage"
+                f"{tf}: close skill on right-edge bars is {value:+.3f} > "
+                f"{RIGHT_EDGE_SKILL_ALARM:.2f} against the best naive baseline; with nothing "
+                "visible after them their close should be unpredictable beyond 'carry the last "
+                "close' - check for leakage"
             )
     for kind, scores in probe.items():
         auc = scores.get("sign_auc") if isinstance(scores, Mapping) else None

@@ -16,7 +16,7 @@ import numpy as np
 
 from stage1.data.features import DELTA_CLOSE, HIGH, LOW
 
-LAMBDAS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)
+LAMBDAS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)
 VALIDATION_FRAC = 0.2
 
 

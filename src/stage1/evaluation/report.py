@@ -27,8 +27,9 @@ HOW_TO_READ = (
     "across the span, <b>bridge</b> runs the hidden closes from the last visible close to the "
     "next visible open and adds the median visible wick; skill_best is against the best of the "
     "three per feature. Correlation of price levels alone proves nothing: any smooth guess "
-    "scores about 0.99 (compare corr_close with corr_close_interp). On spans that end at the "
-    "newest bar (right edge) the close is a martingale, so close skill there should be about 0. "
+    "scores about 0.99 (compare corr_close with corr_close_interp). Right-edge bars are hidden "
+    "bars after the last visible information in any timeframe: their close is a martingale, so "
+    "close skill there should be about 0. "
     "Alarms mean leakage (the model or the probe saw something it should not), not genius. "
     "Probes: ridge (volatility R²) and logistic regression (sign) on the frozen encoder's "
     "features, on hand-made window features (raw) and on a randomly initialised encoder of "
@@ -105,7 +106,7 @@ def plot_skill(per_tf: Mapping[str, Mapping[str, Any]], path: Path) -> Path:
         ]
         right.bar(x + (i - 0.5) * 0.35, values, width=0.35, label=span)
     right.axhline(0.01, color="red", lw=0.8, ls=":", label="alarm (right edge)")
-    right.set_title("close skill vs best baseline, by span type")
+    right.set_title("close skill vs best baseline: interior vs right edge")
     for ax in (left, right):
         ax.axhline(0, color="black", lw=0.8)
         ax.set_xticks(x, timeframes)

@@ -67,8 +67,10 @@ DEFINITIONS = {
         "visible bar; hidden open = previous close; high/low = max/min(open, close) +/- the "
         "window's median visible upper/lower wick; right edge: carry forward",
     },
-    "span_classes": "right_edge = span ending at the newest bar of that timeframe; interior = "
-    "every other span",
+    "span_classes": "right_edge = hidden bars after the last visible information of the window: no "
+    "visible bar of any timeframe closes at or after their close (on the base timeframe: the "
+    "spans ending at the newest bar; on coarser ones, newest bars whose close no visible finer "
+    "bar gives away); interior = every other hidden bar. n_spans counts runs of a class's bars",
     "corr": "Pearson over hidden bars of close (corr_close) and delta_close (corr_delta); "
     "corr_close_interp is the interp baseline's, for scale",
     "consistency_ratio": (
