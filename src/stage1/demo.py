@@ -11,11 +11,15 @@ import argparse
 import time
 from pathlib import Path
 
+import pandas as pd
+
 from stage1.config import load_config
+from stage1.data.io import load_tf_data
 from stage1.data.timeframes import sort_timeframes
 from stage1.errors import Stage1Error
 
 SYNTHETIC_ROWS = 200_000  # about 4.5 months of trading minutes: enough for three splits
+ENCODE_DAYS = 7  # the demo encodes the newest week; `stage1 encode` does any range
 
 
 def _step(title: str) -> float:
@@ -107,13 +111,15 @@ def run_demo(args: argparse.Namespace) -> None:
     _done(start)
 
     embeddings = out / "embeddings.parquet"
-    start = _step("4/4 encode the test period (mean-pooled embeddings)")
+    base = load_tf_data(data_dir, timeframes[:1])[timeframes[0]]
+    encode_start = base.index[-1] - pd.Timedelta(days=ENCODE_DAYS)
+    start = _step(f"4/4 encode the last {ENCODE_DAYS} days (mean-pooled embeddings)")
     run_encode(
         argparse.Namespace(
             ckpt=str(ckpt),
             data_dir=str(data_dir),
             out=str(embeddings),
-            start=None,
+            start=encode_start.isoformat(),
             end=None,
             pool="mean",
             batch_size=1024,
