@@ -114,3 +114,13 @@ def test_malformed_override_and_missing_file() -> None:
 def test_loaded_config_is_a_typed_dictconfig() -> None:
     cfg = load_config("test")
     assert OmegaConf.get_type(cfg).__name__ == "Stage1Config"
+
+
+def test_public_names_are_exported_at_top_level() -> None:
+    import stage1
+
+    for name in ("MultiTFWindowSampler", "Stage1Dataset", "Stage1DataModule", "Stage1Model"):
+        assert getattr(stage1, name).__name__ == name
+    for name in ("Stage1CombinedLoss", "Stage1LightningModule", "Stage1InferenceEngine"):
+        assert getattr(stage1, name).__name__ == name
+    assert callable(stage1.load_config)
