@@ -11,6 +11,7 @@ Prints the median over the timed steps (after warm-up). Never used as a test ass
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import platform
 import statistics
@@ -92,6 +93,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=100_000, help="synthetic M1 rows")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     args = parser.parse_args()
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # figures only on stdout
     if args.threads:
         torch.set_num_threads(args.threads)
     print(

@@ -5,11 +5,12 @@ devices and nodes. ``Stage1DataModule`` gives each process ``batch_size // world
 of its own shard, so changing ``--devices`` keeps the experiment (samples per step, schedule,
 number of steps) the same. ``accumulate_grad_batches`` multiplies the effective batch on top.
 
-Reproducibility: the run is seeded (``seed_everything``), deterministic on CPU, training masks
-come from a generator keyed by (seed, epoch, batch, rank) and the global RNG is re-seeded at each
-epoch start, so a run resumed from ``last.ckpt`` (saved at epoch end) retraces the uninterrupted
-run exactly. Validation masks are keyed by (seed, batch) only, so val loss is comparable across
-epochs.
+Reproducibility: the run is seeded (``seed_everything``) and deterministic on CPU; training masks
+come from a generator keyed by (seed, epoch, batch, rank) and the global RNG (dropout) is
+re-seeded from the same keys each step, so a run resumed from ``last.ckpt`` (saved at epoch end)
+retraces the uninterrupted run exactly, provided the loader's first resumed epoch is shuffled
+for that epoch (see docs/ARCHITECTURE.md, training). Validation masks are keyed by (seed, batch,
+rank) only, so val loss is comparable across epochs.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import lightning as L
 import numpy as np
 import psutil
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import (
     Callback,
     EarlyStopping,
@@ -59,7 +61,7 @@ from stage1.errors import CheckpointError, ConfigError, TrainingDivergedError
 from stage1.losses import Stage1CombinedLoss
 from stage1.model.model import Stage1Model
 
-LOSS_KEYS = ("loss", "huber", "stft", "cross_tf", "amp_phase")
+LOSS_PARTS = ("huber", "stft", "cross_tf", "amp_phase")
 BEST_NAME = "stage1_best"
 # Tags mixed into seeds, so train masks, eval masks and dropout never share a stream.
 _TRAIN_STREAM, _EVAL_STREAM, _DROPOUT_STREAM = 0, 1, 2
@@ -99,6 +101,9 @@ class Stage1LightningModule(L.LightningModule):
 
     def __init__(self, config: DictConfig | dict[str, Any], normalizer_stats: dict[str, Any]):
         super().__init__()
+        # TF32 tensor cores for fp32 matmuls on Ampere+ GPUs (no effect on CPU). Set here, not in
+        # a fit hook: Lightning checks it while placing the model, before any hook runs.
+        torch.set_float32_matmul_precision("high")
         config_dict = config_to_dict(config) if isinstance(config, DictConfig) else config
         self.save_hyperparameters({"config": config_dict, "normalizer_stats": normalizer_stats})
         self.config = config_from_dict(config_dict)
@@ -117,14 +122,6 @@ class Stage1LightningModule(L.LightningModule):
         """features ``[B, n_tf, L, 6]``, masks bool ``[B, n_tf, L]`` -> model outputs."""
         return self.model(features, masks)
 
-    def on_fit_start(self) -> None:
-        # TF32 tensor cores for fp32 matmuls on Ampere+ GPUs; no effect on CPU.
-        torch.set_float32_matmul_precision("high")
-
-    def on_train_epoch_start(self) -> None:
-        # Dropout draws from the global RNG; re-seeding per epoch makes a resumed run exact.
-        torch.manual_seed(mixed_seed(self.config.seed, _DROPOUT_STREAM, self.current_epoch))
-
     def _masks(self, batch: dict[str, torch.Tensor], batch_idx: int, stage: str) -> torch.Tensor:
         times = batch["times"]
         keys: tuple[int, ...]
@@ -139,6 +136,18 @@ class Stage1LightningModule(L.LightningModule):
     ) -> dict[str, torch.Tensor]:
         """Mask, reconstruct, score and log one batch; returns loss and the tensors plotted."""
         masks = self._masks(batch, batch_idx, stage)
+        if stage == "train":
+            # Dropout draws from the global RNG: re-seeding per step makes a resumed run exact
+            # (Lightning skips on_train_epoch_start for the first epoch after a resume).
+            torch.manual_seed(
+                mixed_seed(
+                    self.config.seed,
+                    _DROPOUT_STREAM,
+                    self.current_epoch,
+                    batch_idx,
+                    self.global_rank,
+                )
+            )
         reconstructed = self.model(batch["features"], masks)["reconstructed"]
         losses = self.criterion(reconstructed, batch["targets"], masks, batch["times"])
         if not torch.isfinite(losses["total"]):
@@ -156,7 +165,7 @@ class Stage1LightningModule(L.LightningModule):
             "on_epoch": True,
             "sync_dist": True,
         }
-        values = {"loss": losses["total"], **{k: losses[k] for k in LOSS_KEYS[1:]}}
+        values = {"loss": losses["total"], **{name: losses[name] for name in LOSS_PARTS}}
         for name, value in values.items():
             self.log(f"{stage}/{name}", value, prog_bar=name == "loss", **log_kwargs)
         mae = _hidden_mae_per_tf(reconstructed.detach(), batch["targets"], masks)
@@ -361,26 +370,31 @@ def build_trainer(
         ReconstructionPlotCallback(),
         MemoryMonitorCallback(train_cfg.profile_every_n_steps),
     ]
-    return L.Trainer(
-        accelerator=accelerator,
-        devices=_parse_devices(devices),
-        strategy=strategy or "auto",
-        num_nodes=num_nodes or 1,
-        precision=train_cfg.precision,
-        max_epochs=train_cfg.max_epochs,
-        max_steps=train_cfg.max_steps,
-        accumulate_grad_batches=train_cfg.accumulate_grad_batches,
-        gradient_clip_val=train_cfg.gradient_clip or None,
-        limit_train_batches=_batches_or_fraction(train_cfg.limit_train_batches),
-        limit_val_batches=_batches_or_fraction(train_cfg.limit_val_batches),
-        val_check_interval=_batches_or_fraction(train_cfg.val_check_interval),
-        log_every_n_steps=train_cfg.log_every_n_steps,
-        callbacks=callbacks,
-        logger=TensorBoardLogger(output_dir / "logs", name=config.experiment_name),
-        deterministic=on_cpu,
-        use_distributed_sampler=False,  # Stage1DataModule shards by rank itself
-        fast_dev_run=fast_dev_run,
-    )
+    try:
+        return L.Trainer(
+            accelerator=accelerator,
+            devices=_parse_devices(devices),
+            strategy=strategy or "auto",
+            num_nodes=num_nodes or 1,
+            precision=train_cfg.precision,
+            max_epochs=train_cfg.max_epochs,
+            max_steps=train_cfg.max_steps,
+            accumulate_grad_batches=train_cfg.accumulate_grad_batches,
+            gradient_clip_val=train_cfg.gradient_clip or None,
+            limit_train_batches=_batches_or_fraction(train_cfg.limit_train_batches),
+            limit_val_batches=_batches_or_fraction(train_cfg.limit_val_batches),
+            val_check_interval=_batches_or_fraction(train_cfg.val_check_interval),
+            log_every_n_steps=train_cfg.log_every_n_steps,
+            callbacks=callbacks,
+            logger=TensorBoardLogger(output_dir / "logs", name=config.experiment_name),
+            deterministic=on_cpu,
+            use_distributed_sampler=False,  # Stage1DataModule shards by rank itself
+            fast_dev_run=fast_dev_run,
+        )
+    except (MisconfigurationException, ValueError, TypeError) as exc:
+        # Flags Lightning cannot honour here (no GPU, unknown strategy, bad device count).
+        reason = str(exc).splitlines()[0]
+        raise ConfigError(f"--accelerator/--devices/--strategy/--precision: {reason}") from exc
 
 
 def _flag_overrides(args: argparse.Namespace) -> list[str]:
@@ -439,17 +453,21 @@ def run_train(args: argparse.Namespace) -> None:
         fast_dev_run=args.fast_dev_run,
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path, weights_only=True)
-    if args.fast_dev_run or not trainer.is_global_zero:
+    if not trainer.is_global_zero:
+        return
+    if args.fast_dev_run:
+        print(f"fast_dev_run finished (no checkpoints written); config in {output_dir}")
         return
     export_path = export_best(trainer, module, ckpt_dir / f"{BEST_NAME}.pth")
     print(f"run directory: {output_dir}")
-    print(f"best checkpoint: {trainer.checkpoint_callback.best_model_path or '(none)'}")  # type: ignore[union-attr]
+    print(f"checkpoints: {ckpt_dir} (stage1_best.ckpt, last.ckpt)")
     print(f"exported model: {export_path}")
     print(f"tensorboard --logdir {output_dir / 'logs'}")
 
 
 def export_best(trainer: L.Trainer, module: Stage1LightningModule, path: Path) -> Path:
-    """Export the best checkpoint's weights (or the final weights when none was saved)."""
+    """Export the best checkpoint's weights (or the final weights when none was saved).
+    ``best_loss`` is the monitored value: val/loss, or train/loss_epoch without validation."""
     callback = trainer.checkpoint_callback
     assert isinstance(callback, ModelCheckpoint)
     config, normalizer_stats = module.hparams["config"], module.hparams["normalizer_stats"]
