@@ -17,6 +17,7 @@ from stage1.evaluation.metrics import (
     consistency_counts,
     count_spans,
     find_spans,
+    freshest_visible_close,
     leak_alarms,
     log_spectrum_error,
     mae_on_hidden,
@@ -114,6 +115,30 @@ def test_right_edge_bars_are_those_after_the_last_visible_information():
     masks[0, 0] = False
     classes = span_class_masks(masks, times, ["m1", "m3"])
     assert not classes["right_edge"].any() and classes["interior"][0, 1, 5]
+
+
+def test_freshest_visible_close_is_the_newest_visible_price_over_all_timeframes():
+    minute = NS_PER_MINUTE
+    times = np.stack([np.arange(12, 18) * minute, np.arange(0, 6) * 3 * minute])[None]
+    close = np.arange(12.0).reshape(1, 2, 6)
+    masks = np.zeros((1, 2, 6), dtype=bool)
+    masks[0, 0, 3:] = True  # m1 visible up to the bar closing at minute 15
+    masks[0, 1, 5] = True
+    # The m3 bar 12-15 (close[1, 4]) closes as late as the newest visible m1 bar; either is fine.
+    assert freshest_visible_close(close, masks, times, ["m1", "m3"])[0] in (
+        close[0, 0, 2],
+        close[0, 1, 4],
+    )
+    masks[0, 1, 4] = True
+    assert freshest_visible_close(close, masks, times, ["m1", "m3"])[0] == close[0, 0, 2]
+
+
+def test_right_edge_skill_against_the_last_known_price_equals_last_on_the_base_timeframe():
+    truth, masks, times = multi_tf_batch(11, n=64)
+    pred = truth + np.random.default_rng(11).normal(0, 1e-3, truth.shape)
+    entry = evaluate(truth, pred, masks, times)["per_tf"]["m1"]["right_edge"]
+    assert entry["n_hidden_bars"] > 0
+    assert entry["close_skill_fresh"] == pytest.approx(entry["features"]["close"]["skill_last"])
 
 
 def test_mae_on_hidden_ignores_visible_positions():

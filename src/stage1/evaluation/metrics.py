@@ -72,6 +72,20 @@ def span_class_masks(
     return {"interior": masks & ~right_edge, "right_edge": right_edge}
 
 
+def freshest_visible_close(
+    close: np.ndarray, masks: np.ndarray, times: np.ndarray, timeframes: Sequence[str]
+) -> np.ndarray:
+    """The last known price of each window: the close of the visible bar, over all timeframes,
+    that closes last. The best guess for any close after it (a martingale step).
+
+    close: raw close ``[N, n_tf, L]``; masks, times: ``[N, n_tf, L]``. Returns ``[N]``.
+    """
+    durations = np.array([tf_ns(tf) for tf in timeframes], dtype=np.int64)
+    close_times = np.where(masks, np.iinfo(np.int64).min, times + durations[None, :, None])
+    newest = close_times.reshape(len(close), -1).argmax(axis=1)
+    return close.reshape(len(close), -1)[np.arange(len(close)), newest]
+
+
 def count_spans(masks: np.ndarray) -> int:
     """Number of hidden spans in ``masks`` (bool ``[..., L]``)."""
     starts = masks.copy()
@@ -205,6 +219,8 @@ class MetricAccumulator:
         self.spectrum_sum = np.zeros((n_tf, 2))  # model, interp
         self.spectrum_rows = np.zeros(n_tf, dtype=np.int64)
         self.consistency = np.zeros((n_tf, 2), dtype=np.int64)  # agree, checked
+        # Right-edge close errors of the model and of the freshest visible close (any timeframe).
+        self.fresh_abs_err = np.zeros((n_tf, 2))
         self.n_windows = 0
 
     def update(
@@ -228,6 +244,7 @@ class MetricAccumulator:
         interp_all = np.empty_like(truth)
         composite_base: np.ndarray | None = None
         classes = span_class_masks(masks, times, self.timeframes)
+        fresh = freshest_visible_close(truth[..., CLOSE], masks, times, self.timeframes)
         for k, tf in enumerate(self.timeframes):
             values, tf_masks = truth[:, k], masks[:, k]
             guesses = {"model": pred[:, k], **all_baselines(values, tf_masks)}
@@ -239,6 +256,11 @@ class MetricAccumulator:
                 self.n_spans[k, c] += count_spans(hidden)
                 for s, source in enumerate(SOURCES):
                     self.abs_err[k, s, c] += np.abs(guesses[source] - values)[hidden].sum(axis=0)
+            right_edge = classes["right_edge"][:, k]
+            true_close = values[..., CLOSE][right_edge]
+            self.fresh_abs_err[k, 0] += np.abs(pred[:, k, :, CLOSE][right_edge] - true_close).sum()
+            fresh_guess = np.broadcast_to(fresh[:, None], right_edge.shape)[right_edge]
+            self.fresh_abs_err[k, 1] += np.abs(fresh_guess - true_close).sum()
             self._update_scalars(k, values, guesses, tf_masks)
             if truth_prices is not None and pred_prices is not None:
                 err = np.abs(pred_prices[:, k] - truth_prices[:, k])[tf_masks]
@@ -326,6 +348,8 @@ class MetricAccumulator:
             entry["consistency_n"] = int(checked)
             for c, name in enumerate(SPAN_CLASSES):
                 entry[name] = self._block(k, [c], int(self.n_spans[k, c]))
+            model_err, fresh_err = self.fresh_abs_err[k]
+            entry["right_edge"]["close_skill_fresh"] = _finite_or_none(skill(model_err, fresh_err))
             per_tf[tf] = entry
         return {"n_windows": self.n_windows, "per_tf": per_tf, "mean": mean_over_timeframes(per_tf)}
 
@@ -357,22 +381,23 @@ def mean_over_timeframes(per_tf: Mapping[str, Mapping[str, Any]]) -> dict[str, A
 def leak_alarms(per_tf: Mapping[str, Mapping[str, Any]], probe: Mapping[str, Any]) -> list[str]:
     """Leak warnings, empty when clean (SPEC §6).
 
-    * close skill (best baseline) on right-edge bars above 1 % on any timeframe: nothing after
-      them is visible, so their close is a martingale step and beating "carry the last close"
-      there means the model saw it;
+    * close skill on right-edge bars above 1 % on any timeframe, against the last known price
+      (:func:`freshest_visible_close`): nothing after them is visible, so their close is a
+      martingale step from that price and beating it means the model saw what it should not.
+      On the base timeframe that price is the ``last`` baseline of SPEC §6; a coarse timeframe's
+      own last bar can be hours older than a visible finer bar, so its naive baselines are no
+      yardstick here (a model reading the finer bars beats them honestly);
     * a sign probe AUC above 0.55: the sign of the next return is nearly unpredictable, so this
       points to future information in the window features.
     """
     alarms = []
     for tf, entry in per_tf.items():
-        close = entry.get("right_edge", {}).get("features", {}).get("close", {})
-        value = close.get("skill_best")
+        value = entry.get("right_edge", {}).get("close_skill_fresh")
         if value is not None and value > RIGHT_EDGE_SKILL_ALARM:
             alarms.append(
                 f"{tf}: close skill on right-edge bars is {value:+.3f} > "
-                f"{RIGHT_EDGE_SKILL_ALARM:.2f} against the best naive baseline; with nothing "
-                "visible after them their close should be unpredictable beyond 'carry the last "
-                "close' - check for leakage"
+                f"{RIGHT_EDGE_SKILL_ALARM:.2f} against the last known price; nothing after them "
+                "is visible, so their close should be unpredictable beyond it - check for leakage"
             )
     for kind, scores in probe.items():
         auc = scores.get("sign_auc") if isinstance(scores, Mapping) else None

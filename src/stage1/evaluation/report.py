@@ -28,8 +28,8 @@ HOW_TO_READ = (
     "next visible open and adds the median visible wick; skill_best is against the best of the "
     "three per feature. Correlation of price levels alone proves nothing: any smooth guess "
     "scores about 0.99 (compare corr_close with corr_close_interp). Right-edge bars are hidden "
-    "bars after the last visible information in any timeframe: their close is a martingale, so "
-    "close skill there should be about 0. "
+    "bars after the last visible information in any timeframe: their close is a martingale step "
+    "from the last known price, so close skill against that price should be about 0. "
     "Alarms mean leakage (the model or the probe saw something it should not), not genius. "
     "Probes: ridge (volatility R²) and logistic regression (sign) on the frozen encoder's "
     "features, on hand-made window features (raw) and on a randomly initialised encoder of "
@@ -100,13 +100,14 @@ def plot_skill(per_tf: Mapping[str, Mapping[str, Any]], path: Path) -> Path:
         values = [_number(per_tf[tf].get(f"skill_{name}")) for tf in timeframes]
         left.bar(x + (i - 1.5) * 0.2, values, width=0.2, label=name)
     left.set_title("skill on hidden bars (open/high/low/close) vs baseline")
-    for i, span in enumerate(("interior", "right_edge")):
-        values = [
-            _number(per_tf[tf][span]["features"]["close"].get("skill_best")) for tf in timeframes
-        ]
-        right.bar(x + (i - 0.5) * 0.35, values, width=0.35, label=span)
+    interior = [
+        _number(per_tf[tf]["interior"]["features"]["close"].get("skill_best")) for tf in timeframes
+    ]
+    right_edge = [_number(per_tf[tf]["right_edge"].get("close_skill_fresh")) for tf in timeframes]
+    right.bar(x - 0.175, interior, width=0.35, label="interior, vs best baseline")
+    right.bar(x + 0.175, right_edge, width=0.35, label="right edge, vs last known price")
     right.axhline(0.01, color="red", lw=0.8, ls=":", label="alarm (right edge)")
-    right.set_title("close skill vs best baseline: interior vs right edge")
+    right.set_title("close skill: interior vs right edge")
     for ax in (left, right):
         ax.axhline(0, color="black", lw=0.8)
         ax.set_xticks(x, timeframes)
@@ -171,16 +172,16 @@ def _metrics_table(per_tf: Mapping[str, Mapping[str, Any]], mean: Mapping[str, A
             "timeframe",
             *METRIC_COLUMNS,
             "close skill_best interior",
-            "close skill_best right edge",
+            "right-edge close skill vs last known price",
         )
     )
     rows = []
     for name, entry in [*per_tf.items(), ("mean", mean)]:
         cells = [f"<td>{html.escape(name)}</td>"]
         cells += [f"<td>{_fmt(entry.get(c))}</td>" for c in METRIC_COLUMNS]
-        for span in ("interior", "right_edge"):
-            close = entry.get(span, {}).get("features", {}).get("close", {})
-            cells.append(f"<td>{_fmt(close.get('skill_best'))}</td>")
+        interior = entry.get("interior", {}).get("features", {}).get("close", {})
+        cells.append(f"<td>{_fmt(interior.get('skill_best'))}</td>")
+        cells.append(f"<td>{_fmt(entry.get('right_edge', {}).get('close_skill_fresh'))}</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
     return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
 

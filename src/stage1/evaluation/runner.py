@@ -93,7 +93,10 @@ DEFINITIONS = {
         "over timeframes; raw: per timeframe the newest bar's normalised features + the window's "
         "log realised volatility and log range; random: the same model, freshly initialised"
     ),
-    "alarms": f"right-edge close skill_best > {RIGHT_EDGE_SKILL_ALARM} on any timeframe; sign "
+    "close_skill_fresh": "right_edge.close_skill_fresh = 1 - MAE_model / MAE_fresh over right-edge "
+    "closes, fresh = the close of the newest visible bar of any timeframe (the last known price, "
+    "the best guess of a martingale); on the base timeframe it equals the last baseline",
+    "alarms": f"right_edge.close_skill_fresh > {RIGHT_EDGE_SKILL_ALARM} on any timeframe; sign "
     f"probe AUC > {SIGN_AUC_ALARM} for any probe",
 }
 
