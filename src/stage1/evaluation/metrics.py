@@ -250,17 +250,9 @@ class MetricAccumulator:
             guesses = {"model": pred[:, k], **all_baselines(values, tf_masks)}
             interp_all[:, k] = guesses["interp"]
             self.n_spans_total[k] += count_spans(tf_masks)
-            for c, name in enumerate(SPAN_CLASSES):
-                hidden = classes[name][:, k]
-                self.n_bars[k, c] += int(hidden.sum())
-                self.n_spans[k, c] += count_spans(hidden)
-                for s, source in enumerate(SOURCES):
-                    self.abs_err[k, s, c] += np.abs(guesses[source] - values)[hidden].sum(axis=0)
-            right_edge = classes["right_edge"][:, k]
-            true_close = values[..., CLOSE][right_edge]
-            self.fresh_abs_err[k, 0] += np.abs(pred[:, k, :, CLOSE][right_edge] - true_close).sum()
-            fresh_guess = np.broadcast_to(fresh[:, None], right_edge.shape)[right_edge]
-            self.fresh_abs_err[k, 1] += np.abs(fresh_guess - true_close).sum()
+            self._update_errors(
+                k, values, guesses, {c: classes[c][:, k] for c in SPAN_CLASSES}, fresh
+            )
             self._update_scalars(k, values, guesses, tf_masks)
             if truth_prices is not None and pred_prices is not None:
                 err = np.abs(pred_prices[:, k] - truth_prices[:, k])[tf_masks]
@@ -277,6 +269,31 @@ class MetricAccumulator:
                     composite, times[:, k], tf_masks, tf, tolerance,
                 )  # fmt: skip
         return interp_all
+
+    def _update_errors(
+        self,
+        k: int,
+        values: np.ndarray,
+        guesses: Mapping[str, np.ndarray],
+        classes: Mapping[str, np.ndarray],
+        fresh: np.ndarray,
+    ) -> None:
+        """Absolute-error sums of timeframe ``k`` per source and span class, and the right-edge
+        close errors of the model and of the last known price ``fresh`` ``[B]``."""
+        for c, name in enumerate(SPAN_CLASSES):
+            hidden = classes[name]
+            self.n_bars[k, c] += int(hidden.sum())
+            self.n_spans[k, c] += count_spans(hidden)
+            for s, source in enumerate(SOURCES):
+                self.abs_err[k, s, c] += np.abs(guesses[source] - values)[hidden].sum(axis=0)
+        right_edge = classes["right_edge"]
+        true_close = values[..., CLOSE][right_edge]
+        model_close = guesses["model"][..., CLOSE][right_edge]
+        fresh_close = np.broadcast_to(fresh[:, None], right_edge.shape)[right_edge]
+        self.fresh_abs_err[k] += [
+            np.abs(model_close - true_close).sum(),
+            np.abs(fresh_close - true_close).sum(),
+        ]
 
     def _update_scalars(
         self, k: int, values: np.ndarray, guesses: Mapping[str, np.ndarray], masks: np.ndarray
