@@ -18,7 +18,7 @@ from stage1.data.io import load_tf_data
 from stage1.data.timeframes import sort_timeframes
 from stage1.errors import Stage1Error
 
-SYNTHETIC_ROWS = 200_000  # about 4.5 months of trading minutes: enough for three splits
+SYNTHETIC_ROWS = 120_000  # about 12 weeks of trading minutes: three splits with embargoes
 ENCODE_DAYS = 7  # the demo encodes the newest week; `stage1 encode` does any range
 
 
