@@ -22,6 +22,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
 
 from stage1.config import load_config
 from stage1.data.dataset import Stage1DataModule
@@ -57,6 +58,9 @@ def lightning_step_s(config, data_dir: Path, out_dir: Path, steps: int, warmup: 
     assert datamodule.normalizer is not None
     module = Stage1LightningModule(config, datamodule.normalizer.to_dict())
     trainer = build_trainer(config, out_dir, accelerator="cpu")
+    for callback in trainer.callbacks:  # type: ignore[attr-defined]
+        if isinstance(callback, TQDMProgressBar):
+            callback.disable()  # keep stdout for the figures
     timer = StepTimer()
     trainer.callbacks.append(timer)  # type: ignore[attr-defined]
     trainer.fit(module, datamodule=datamodule)
