@@ -145,13 +145,6 @@ class _CrashAtEpoch(L.Callback):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    reason="KNOWN BUG (issue 5): the first epoch after --resume is shuffled in epoch 0's "
-    "order. WindowBatchSampler.__iter__ (stage1/data/dataset.py) computes the order when "
-    "Lightning creates the iterator, which on resume is before set_epoch; a generator "
-    "__iter__ makes this test pass bit-exactly",
-    strict=False,
-)
 def test_resumed_run_ends_where_the_uninterrupted_run_ends(
     three_epoch_run: Path,
     synthetic_data_dir: Path,

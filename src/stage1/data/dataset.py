@@ -203,7 +203,9 @@ class WindowBatchSampler(Sampler[np.ndarray]):
         return [b for b in np.array_split(shards[self.rank], n_batches) if len(b)]
 
     def __iter__(self) -> Iterator[np.ndarray]:
-        return iter(self._batches())
+        # A generator: the order is drawn at the first batch, after Lightning's set_epoch (on
+        # --resume the iterator is created before the epoch counter is restored).
+        yield from self._batches()
 
     def __len__(self) -> int:
         if self.shuffle:  # without drawing the permutation
