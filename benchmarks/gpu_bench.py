@@ -34,14 +34,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def fresh_module(data_dir: Path, config: Any) -> tuple[Stage1DataModule, Stage1LightningModule]:
+    """A set-up data module and a freshly initialised training module, as `stage1 train` has."""
+    datamodule = Stage1DataModule(data_dir, config)
+    datamodule.setup("fit")
+    assert datamodule.normalizer is not None
+    return datamodule, Stage1LightningModule(config, datamodule.normalizer.to_dict())
+
+
 def train_throughput(
     data_dir: Path, config: Any, device: torch.device, steps: int, compile_model: bool
 ) -> dict[str, float]:
     """Samples/s and data-wait share of a bf16 training step on the real loaders."""
-    datamodule = Stage1DataModule(data_dir, config)
-    datamodule.setup("fit")
-    assert datamodule.normalizer is not None
-    module = Stage1LightningModule(config, datamodule.normalizer.to_dict()).to(device)
+    datamodule, module = fresh_module(data_dir, config)
+    module = module.to(device)
     model, criterion, masking = module.model, module.criterion, module.masking
     step_model = torch.compile(model) if compile_model else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -78,10 +84,8 @@ def encode_throughput(
     data_dir: Path, config: Any, device: torch.device, n_windows: int, batch_size: int
 ) -> dict[str, float]:
     """Windows/s of ``Stage1InferenceEngine.encode`` (mean-pooled) on ``n_windows`` anchors."""
-    datamodule = Stage1DataModule(data_dir, config)
-    datamodule.setup("fit")
+    datamodule, module = fresh_module(data_dir, config)
     assert datamodule.normalizer is not None
-    module = Stage1LightningModule(config, datamodule.normalizer.to_dict())
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = export_checkpoint(
             Path(tmp) / "bench.pth",

@@ -124,7 +124,9 @@ def _add_encode(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--pool", default=None, choices=["mean", "flatten"], help="one vector per anchor"
     )
-    p.add_argument("--batch_size", type=int, default=1024)
+    p.add_argument(
+        "--batch_size", type=int, default=None, help="windows per model call (128 CPU, 4096 GPU)"
+    )
     p.add_argument("--device", default=None, help="cpu, cuda (default: cuda if available)")
 
 

@@ -122,7 +122,7 @@ def run_demo(args: argparse.Namespace) -> None:
             start=encode_start.isoformat(),
             end=None,
             pool="mean",
-            batch_size=1024,
+            batch_size=None,
             device="cpu",
             debug=getattr(args, "debug", False),
         )

@@ -6,10 +6,13 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from stage1 import ConfigError, load_config
 from stage1.losses import Stage1CombinedLoss
-from stage1.model import Stage1Model, TFDecoder, compute_latent_len
+from stage1.model import Stage1Model, TFDecoder, TFSpecificStem, compute_latent_len
+from stage1.model.bottleneck import Bottleneck
+from stage1.model.stem import apply_stems
 
 TIMEFRAMES = ["m1", "m5", "m15", "m30", "h1", "h4"]
 
@@ -94,6 +97,42 @@ def test_decoder_returns_exactly_seq_len_steps_from_each_latent_step(stride: int
                 touched = (upsample(latent) - base).abs().sum((0, 1)).nonzero().flatten()
                 expected = [t for t in range(seq_len) if (t + pad) // stride == step]
                 assert touched.tolist() == expected, (seq_len, stride, step)
+
+
+@pytest.mark.parametrize("kernel_size", [1, 3, 5])
+def test_stems_compute_depthwise_then_pointwise(kernel_size: int) -> None:
+    """The fused kernel is an optimisation only: each timeframe's output equals its own
+    depth-wise conv followed by its point-wise projection, run as separate layers."""
+    torch.manual_seed(0)
+    stems = [TFSpecificStem(16, kernel_size) for _ in range(3)]
+    x = torch.randn(4, 3, 11, 6)
+    with torch.no_grad():
+        fused = apply_stems(stems, x)
+        for k, stem in enumerate(stems):
+            filtered = stem.depthwise(x[:, k].transpose(1, 2)).transpose(1, 2)
+            expected = stem.pointwise(filtered)
+            torch.testing.assert_close(fused[:, k], expected, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(stem(x[:, k]), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("seq_len", [12, 13, 15, 16])
+def test_bottleneck_is_a_left_padded_strided_convolution(seq_len: int) -> None:
+    torch.manual_seed(0)
+    bottleneck = Bottleneck(8, seq_len, stride=4)
+    x = torch.randn(2, 3, seq_len, 8)
+    series = x.reshape(6, seq_len, 8).transpose(1, 2)
+    with torch.no_grad():
+        latent = bottleneck.conv(F.pad(series, (bottleneck.left_pad, 0))).transpose(1, 2)
+        expected = bottleneck.norm(latent).view(2, 3, bottleneck.latent_len, 8)
+        torch.testing.assert_close(bottleneck(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_encode_is_the_encoder_half_of_forward() -> None:
+    model = Stage1Model(tiny_config(6, 16)).eval()
+    x, masks = random_batch(3, 6, 16)
+    with torch.no_grad():
+        for m in (masks, None):
+            torch.testing.assert_close(model.encode(x, m), model(x, m)["encoded"], rtol=0, atol=0)
 
 
 def test_every_parameter_receives_a_finite_gradient() -> None:

@@ -32,9 +32,15 @@ class Bottleneck(nn.Module):
         self.norm = nn.LayerNorm(d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: ``[B, n_tf, L, d_model]`` -> ``[B, n_tf, latent_len, d_model]``."""
-        batch, n_tf, seq_len, d_model = x.shape
-        series = x.reshape(batch * n_tf, seq_len, d_model).transpose(1, 2)
-        latent = self.conv(F.pad(series, (self.left_pad, 0)))
-        assert latent.shape[-1] == self.latent_len
-        return self.norm(latent.transpose(1, 2)).view(batch, n_tf, self.latent_len, d_model)
+        """x: ``[B, n_tf, L, d_model]`` -> ``[B, n_tf, latent_len, d_model]``.
+
+        A convolution whose kernel equals its stride sees each group of ``stride`` bars once, so
+        it is computed as one matrix product over the groups (no transposes, no im2col).
+        """
+        batch, n_tf, _, d_model = x.shape
+        if self.left_pad:
+            x = F.pad(x, (0, 0, self.left_pad, 0))
+        groups = x.reshape(batch, n_tf, self.latent_len, self.stride * d_model)
+        # conv weight [out, in, tap] -> [out, tap * in], matching the groups' (tap, in) layout
+        weight = self.conv.weight.permute(0, 2, 1).reshape(d_model, self.stride * d_model)
+        return self.norm(F.linear(groups, weight, self.conv.bias))

@@ -12,7 +12,7 @@ from stage1.errors import ConfigError
 from stage1.model.bottleneck import Bottleneck, compute_latent_len
 from stage1.model.decoder import TFDecoder
 from stage1.model.encoder import SharedEncoder
-from stage1.model.stem import TFSpecificStem
+from stage1.model.stem import TFSpecificStem, apply_stems
 
 
 class Stage1Model(nn.Module):
@@ -78,16 +78,20 @@ class Stage1Model(nn.Module):
                 f"got {masks.dtype} {tuple(masks.shape)}"
             )
 
-    def forward(
-        self, x: torch.Tensor, masks: torch.Tensor | None = None
-    ) -> dict[str, torch.Tensor]:
-        """x: ``[B, n_tf, L, 6]`` normalised features; masks: bool ``[B, n_tf, L]``, True = hidden."""
+    def encode(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
+        """The encoder half of :meth:`forward`: ``x [B, n_tf, L, 6]`` ->
+        ``encoded [B, n_tf, latent_len, d_model]``. Inference calls this alone (no decoders)."""
         self._check_input(x, masks)
         if masks is not None:
             x = mask_model_input(x, masks)
             x = torch.where(masks.unsqueeze(-1), self.mask_embedding[:, None, :].to(x.dtype), x)
-        tokens = torch.stack([stem(x[:, k]) for k, stem in enumerate(self.stems)], dim=1)
-        encoded = self.bottleneck(self.encoder(tokens))
+        return self.bottleneck(self.encoder(apply_stems(self.stems, x)))
+
+    def forward(
+        self, x: torch.Tensor, masks: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """x: ``[B, n_tf, L, 6]`` normalised features; masks: bool ``[B, n_tf, L]``, True = hidden."""
+        encoded = self.encode(x, masks)
         reconstructed = torch.stack(
             [decoder(encoded[:, k]) for k, decoder in enumerate(self.decoders)], dim=1
         )

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from stage1.data.features import N_FEATURES
@@ -17,6 +20,11 @@ class TFSpecificStem(nn.Module):
     """Depth-wise 1-D conv over time (each feature filtered on its own) + point-wise projection.
 
     ``[B, L, 6] -> [B, L, d_model]``; the output length equals the input length.
+
+    The two steps are linear with nothing between them, so they are computed as ONE dense
+    convolution whose kernel is their composition (:meth:`fused`): same function and the same
+    parameters (and checkpoint keys), a fraction of the work. :func:`apply_stems` runs the stems
+    of every timeframe in a single grouped convolution.
     """
 
     def __init__(self, d_model: int, kernel_size: int = 3) -> None:
@@ -31,7 +39,41 @@ class TFSpecificStem(nn.Module):
         )
         self.pointwise = nn.Linear(hidden, d_model)
 
+    def fused(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Kernel ``[d_model, 6, kernel_size]`` and bias ``[d_model]`` of pointwise ∘ depthwise.
+
+        Depth-wise output channel ``c * 4 + f`` filters input feature ``c``, so
+        ``W[o, c, j] = sum_f P[o, c*4+f] * D[c*4+f, j]`` and ``b = P @ d_bias + p_bias``.
+        """
+        d_model = self.pointwise.out_features
+        depthwise = self.depthwise.weight.view(N_FEATURES, FILTERS_PER_FEATURE, -1)
+        pointwise = self.pointwise.weight.view(d_model, N_FEATURES, FILTERS_PER_FEATURE)
+        weight = torch.einsum("ocf,cfj->ocj", pointwise, depthwise)
+        assert self.depthwise.bias is not None
+        bias = torch.addmv(self.pointwise.bias, self.pointwise.weight, self.depthwise.bias)
+        return weight, bias
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: ``[B, L, 6]`` -> ``[B, L, d_model]``."""
-        filtered = self.depthwise(x.transpose(1, 2)).transpose(1, 2)
-        return self.pointwise(filtered)
+        return apply_stems([self], x.unsqueeze(1)).squeeze(1)
+
+
+def apply_stems(stems: Iterable[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    """Stem ``k`` applied to timeframe ``k``, all at once: ``[B, n_tf, L, 6] -> [B, n_tf, L, d]``."""
+    batch, n_tf, seq_len, n_features = x.shape
+    weights, biases = [], []
+    for stem in stems:
+        if not isinstance(stem, TFSpecificStem):
+            raise TypeError(f"apply_stems: expected TFSpecificStem, got {type(stem).__name__}")
+        weight, bias = stem.fused()
+        weights.append(weight)
+        biases.append(bias)
+    weight = torch.cat(weights).to(x.dtype)
+    out = F.conv1d(
+        x.transpose(2, 3).reshape(batch, n_tf * n_features, seq_len),
+        weight,
+        torch.cat(biases).to(x.dtype),
+        padding=weight.shape[-1] // 2,
+        groups=n_tf,
+    )
+    return out.view(batch, n_tf, -1, seq_len).transpose(2, 3)
