@@ -41,6 +41,7 @@ from stage1.evaluation.metrics import (
 )
 from stage1.evaluation.probe import probe_targets, run_probe, window_summary_features
 from stage1.evaluation.report import PlotSamples, write_report
+from stage1.inference import pool_embeddings
 from stage1.model.model import Stage1Model
 from stage1.utils import atomic_write_text
 
@@ -159,7 +160,8 @@ def probe_features(
     desc: str,
 ) -> dict[str, np.ndarray]:
     """Pooled per-window features for the probes: ``{'raw': [n, n_tf*8], name: [n, n_tf*d]}``
-    for each model in ``models`` (mean of the unmasked encoding over latent steps)."""
+    for each model in ``models``: the unmasked encoding pooled as ``encode(pool='mean')`` gives it
+    to the RL agent (encoder half only)."""
     chunks: dict[str, list[np.ndarray]] = {"raw": [], **{name: [] for name in models}}
     normalizer = dataset.normalizer
     for start in tqdm(range(0, len(positions), EVAL_BATCH_SIZE), desc=desc, unit="batch"):
@@ -168,8 +170,8 @@ def probe_features(
         raw = normalizer.denormalize(features)
         chunks["raw"].append(window_summary_features(raw.numpy(), features.numpy()))
         for name, model in models.items():
-            encoded = model(features.to(device))["encoded"].float().mean(dim=2)
-            chunks[name].append(encoded.flatten(1).cpu().numpy())
+            pooled = pool_embeddings(model.encode(features.to(device)), "mean").float()
+            chunks[name].append(pooled.cpu().numpy())
     return {name: np.concatenate(parts) for name, parts in chunks.items()}
 
 
