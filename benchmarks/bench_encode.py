@@ -27,11 +27,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
+from timing import median_seconds, seconds
 from torch.utils.flop_counter import FlopCounterMode
 
 from stage1.checkpoint import export_checkpoint
@@ -49,15 +49,6 @@ REAL_M1 = (
 )
 
 
-def median_seconds(work: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        work()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def make_checkpoint(data_dir: Path, path: Path) -> Path:
     """Fresh model + normaliser fitted on the data's train split, exported as `stage1 train` does."""
     config = load_config("test")
@@ -70,9 +61,7 @@ def make_checkpoint(data_dir: Path, path: Path) -> Path:
 def matmul_gflops(repeats: int) -> float:
     """Sustained fp32 GFLOP/s of a large matmul on this machine (the compute ceiling)."""
     a = torch.randn(2048, 2048)
-    a @ a
-    seconds = median_seconds(lambda: a @ a, repeats)
-    return 2 * 2048**3 / seconds / 1e9
+    return 2 * 2048**3 / median_seconds(lambda: a @ a, repeats, warmup=True) / 1e9
 
 
 def throughput(args: argparse.Namespace, work_dir: Path) -> None:
@@ -110,8 +99,8 @@ def throughput(args: argparse.Namespace, work_dir: Path) -> None:
     # encode() and its baseline alternate, so a change in machine load hits both alike.
     encode_times, baseline_times = [], []
     for _ in range(args.repeats):
-        encode_times.append(median_seconds(lambda: engine.encode(frames, **span), 1))
-        baseline_times.append(median_seconds(model_only, 1))
+        encode_times.append(seconds(lambda: engine.encode(frames, **span)))
+        baseline_times.append(seconds(model_only))
     encode_s, baseline_s = statistics.median(encode_times), statistics.median(baseline_times)
     print(f"encode():             {n / encode_s:9,.0f} windows/s  (median of {args.repeats})")
     total = build_s + model_s
@@ -142,7 +131,7 @@ import json, re, sys
 spec = json.loads(sys.argv[1])
 if spec["mode"] == "load":
     from stage1.data.io import load_tf_data
-    from stage1.inference import DEFAULT_BATCH_SIZE, Stage1InferenceEngine
+    from stage1.inference import Stage1InferenceEngine
     engine = Stage1InferenceEngine(spec["ckpt"], "cpu")
     sampler = engine.build_sampler(load_tf_data(spec["data_dir"], engine.timeframes))
 else:

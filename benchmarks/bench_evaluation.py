@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
+from timing import median_seconds
 
 from stage1.config import load_config
 from stage1.data.dataset import Stage1Dataset
@@ -30,16 +28,6 @@ from stage1.data.features import FeatureEngineer
 from stage1.data.synthetic import write_synthetic_dataset
 from stage1.evaluation.metrics import MetricAccumulator
 from stage1.model.model import Stage1Model
-
-
-def median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up (allocations, oneDNN kernels)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -91,7 +79,7 @@ def main() -> None:
     n = len(positions)
     print(f"bench_evaluation: config={args.config} batch={n} windows, torch threads="
           f"{torch.get_num_threads()}, {platform.processor() or platform.machine()}")  # fmt: skip
-    seconds = {name: median_seconds(fn, args.repeats) for name, fn in stages.items()}
+    seconds = {name: median_seconds(fn, args.repeats, warmup=True) for name, fn in stages.items()}
     for name, s in seconds.items():
         print(f"  {name:<38} {s * 1e3:8.1f} ms  {n / s:10,.0f} windows/s")
     total = sum(seconds.values())
