@@ -68,6 +68,10 @@ class ModelConfig:
     stem: StemConfig = field(default_factory=StemConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     bottleneck: BottleneckConfig = field(default_factory=BottleneckConfig)
+    # Hidden bars start from a naive fill of their visible neighbours (bridge | none).
+    prior: str = "bridge"
+    # Inputs/outputs in units of each window's visible bar range (+ hidden flag, log scale).
+    window_scale: bool = True
 
 
 @dataclass
@@ -76,8 +80,12 @@ class MaskingConfig:
     # Span lengths in base-timeframe bars; mapped to each timeframe by calendar time.
     span_min_bars: int = 5
     span_max_bars: int = 60
-    # Hide every coarser bar that overlaps a hidden finer bar (same calendar time hidden).
-    sync_tf: bool = False
+    # Hide every coarser bar that overlaps a hidden finer bar (same calendar time hidden), as
+    # the evaluation does: train on the task you evaluate.
+    sync_tf: bool = True
+    # Share of (window, timeframe) rows whose newest span is placed to end at the newest bar
+    # (what the RL agent faces live). Training only; evaluation places spans at random.
+    right_edge_ratio: float = 0.2
 
 
 @dataclass
@@ -147,6 +155,8 @@ class EvaluationConfig:
     probe_max_train_windows: int = 20000
     sync_masks: bool = True
     n_plot_windows: int = 4
+    # Score an evenly spaced subset of at most this many windows of the split (null = all).
+    max_windows: int | None = None
 
 
 @dataclass
@@ -221,6 +231,10 @@ def _validate(cfg: DictConfig) -> None:
         raise ConfigError(f"masking.mask_ratio: must lie in (0, 1), got {cfg.masking.mask_ratio}")
     if not 1 <= cfg.masking.span_min_bars <= cfg.masking.span_max_bars:
         raise ConfigError("masking.span_min_bars: must be >= 1 and <= masking.span_max_bars")
+    if not 0 <= cfg.masking.right_edge_ratio <= 1:
+        raise ConfigError(
+            f"masking.right_edge_ratio: must lie in [0, 1], got {cfg.masking.right_edge_ratio}"
+        )
     if cfg.evaluation.split not in ("train", "val", "test", "all"):
         raise ConfigError(f"evaluation.split: {cfg.evaluation.split!r} is not train|val|test|all")
 

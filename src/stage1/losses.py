@@ -2,7 +2,10 @@
 consistency and amplitude/phase correlation.
 
 All inputs are normalised features ``[B, n_tf, L, 6]`` (z-scored per timeframe and feature by
-TFNormalizer). Every part is computed in fp32 with autocast disabled, whatever precision the
+TFNormalizer). The Huber term scores hidden bars only, in units of each window's visible bar
+scale when the model gives one (``model.window_scale``); the three whole-sequence terms score the
+COMPOSITE series (truth at visible bars, reconstruction at hidden ones) against the truth, so
+they judge what the model adds at hidden bars and never pull it towards redrawing visible ones. Every part is computed in fp32 with autocast disabled, whatever precision the
 model ran in: FFTs in half precision are inaccurate (and unsupported for most sizes on CUDA).
 """
 
@@ -15,7 +18,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
-from stage1.data.features import CLOSE, HIGH, LOW, N_FEATURES, OPEN
+from stage1.data.features import BODY_RATIO, CLOSE, HIGH, LOW, N_FEATURES, OPEN
 from stage1.data.timeframes import sort_timeframes, tf_ns
 
 # Floor of squared magnitudes before the square root: keeps sqrt's gradient finite at zero.
@@ -46,11 +49,19 @@ class HuberLoss(nn.Module):
         self.unmasked_weight = unmasked_weight
 
     def forward(
-        self, reconstructed: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor
+        self,
+        reconstructed: torch.Tensor,
+        targets: torch.Tensor,
+        masks: torch.Tensor,
+        unit: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """reconstructed, targets: ``[B, n_tf, L, 6]``; masks: bool ``[B, n_tf, L]``."""
+        """reconstructed, targets: ``[B, n_tf, L, 6]``; masks: bool ``[B, n_tf, L]``; ``unit``
+        (optional, broadcastable to the inputs): errors are divided by it before the Huber."""
+        error = _fp32(reconstructed) - _fp32(targets)
+        if unit is not None:
+            error = error / unit
         per_element = F.huber_loss(
-            _fp32(reconstructed), _fp32(targets), reduction="none", delta=self.delta
+            error, torch.zeros_like(error), reduction="none", delta=self.delta
         )
         weights = torch.where(masks, 1.0, self.unmasked_weight).to(per_element.dtype)
         total_weight = weights.sum() * per_element.shape[-1]
@@ -276,15 +287,28 @@ class Stage1CombinedLoss(nn.Module):
         )
         self.amp_phase = AmplitudePhaseCorrelationLoss()
 
+    def _unit(self, scale: torch.Tensor | None) -> torch.Tensor | None:
+        """Normalised units per window scale: ``[B, n_tf, 1, 6]``. A z-score error times the
+        normaliser std is a raw error; divided by the window's bar scale it counts bar ranges
+        (``body_ratio``, already scale-free, keeps raw units)."""
+        if scale is None:
+            return None
+        std = self.cross_tf.norm_std  # [n_tf, 6]
+        unit = scale.float()[..., None, None] / std[None, :, None, :]
+        body = (1.0 / std[None, :, None, BODY_RATIO:]).expand(unit.shape[0], -1, -1, -1)
+        return torch.cat([unit[..., :BODY_RATIO], body], -1)
+
     def forward(
         self,
         reconstructed: torch.Tensor,
         targets: torch.Tensor,
         masks: torch.Tensor,
         times: torch.Tensor | None = None,
+        scale: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """reconstructed, targets: ``[B, n_tf, L, 6]``; masks: bool ``[B, n_tf, L]``;
-        times: int64 ``[B, n_tf, L]`` bar open times in ns (UTC)."""
+        times: int64 ``[B, n_tf, L]`` bar open times in ns (UTC); scale (optional): the model's
+        visible bar scale ``[B, n_tf]`` in raw log units (``Stage1Model`` output ``'scale'``)."""
         if reconstructed.shape != targets.shape or masks.shape != targets.shape[:-1]:
             raise ValueError(
                 f"loss inputs: reconstructed {tuple(reconstructed.shape)}, targets "
@@ -294,15 +318,16 @@ class Stage1CombinedLoss(nn.Module):
             raise ValueError(
                 f"loss inputs: times {tuple(times.shape)} do not match masks {tuple(masks.shape)}"
             )
+        composite = torch.where(masks.unsqueeze(-1), reconstructed, targets.to(reconstructed.dtype))
         parts = {
-            "huber": self.huber(reconstructed, targets, masks),
-            "stft": self.stft(reconstructed, targets),
+            "huber": self.huber(reconstructed, targets, masks, self._unit(scale)),
+            "stft": self.stft(composite, targets),
             "cross_tf": (
                 reconstructed.new_zeros((), dtype=torch.float32)
                 if times is None
-                else self.cross_tf(reconstructed, times)
+                else self.cross_tf(composite, times)
             ),
-            "amp_phase": self.amp_phase(reconstructed, targets),
+            "amp_phase": self.amp_phase(composite, targets),
         }
         total = torch.stack([self.weights[name] * value for name, value in parts.items()]).sum()
         return {"total": total, **parts}

@@ -58,10 +58,13 @@ from stage1.data.masking import MaskingStrategy
 from stage1.data.normalization import TFNormalizer
 from stage1.data.timeframes import sort_timeframes
 from stage1.errors import CheckpointError, ConfigError, TrainingDivergedError
+from stage1.evaluation.metrics import MetricAccumulator
 from stage1.losses import Stage1CombinedLoss
 from stage1.model.model import Stage1Model
 
 LOSS_PARTS = ("huber", "stft", "cross_tf", "amp_phase")
+# Validation logs skill against these baselines (hidden bars, as `stage1 evaluate` scores them).
+SKILL_LOGGED = ("bridge", "interp", "last")
 BEST_NAME = "stage1_best"
 # Tags mixed into seeds, so train masks, eval masks and dropout never share a stream.
 _TRAIN_STREAM, _EVAL_STREAM, _DROPOUT_STREAM = 0, 1, 2
@@ -110,6 +113,7 @@ class Stage1LightningModule(L.LightningModule):
         normalizer = TFNormalizer.from_dict(normalizer_stats)
         self.timeframes = sort_timeframes(list(self.config.data.timeframes))
         self.model = Stage1Model(self.config)
+        self.model.set_normalizer(normalizer.mean, normalizer.std)
         if self.config.training.compile:
             # Compiles forward in place: parameter names stay free of '_orig_mod.'.
             self.model.compile()
@@ -125,11 +129,16 @@ class Stage1LightningModule(L.LightningModule):
     def _masks(self, batch: dict[str, torch.Tensor], batch_idx: int, stage: str) -> torch.Tensor:
         times = batch["times"]
         keys: tuple[int, ...]
+        generator: torch.Generator
         if stage == "train":
             keys = (_TRAIN_STREAM, self.current_epoch, batch_idx, self.global_rank)
-        else:
-            keys = (_EVAL_STREAM, batch_idx, self.global_rank)
-        return self.masking.generate(times, mask_generator(times.device, self.config.seed, *keys))
+            generator = mask_generator(times.device, self.config.seed, *keys)
+            return self.masking.generate(times, generator)
+        # Validation and test place spans like `stage1 evaluate` (no forced right-edge spans).
+        generator = mask_generator(
+            times.device, self.config.seed, _EVAL_STREAM, batch_idx, self.global_rank
+        )
+        return self.masking.generate(times, generator, right_edge=0.0)
 
     def _common_step(
         self, batch: dict[str, torch.Tensor], batch_idx: int, stage: str
@@ -148,8 +157,11 @@ class Stage1LightningModule(L.LightningModule):
                     self.global_rank,
                 )
             )
-        reconstructed = self.model(batch["features"], masks)["reconstructed"]
-        losses = self.criterion(reconstructed, batch["targets"], masks, batch["times"])
+        output = self.model(batch["features"], masks)
+        reconstructed = output["reconstructed"]
+        losses = self.criterion(
+            reconstructed, batch["targets"], masks, batch["times"], output.get("scale")
+        )
         if not torch.isfinite(losses["total"]):
             raise TrainingDivergedError(
                 f"{stage} loss is {losses['total'].item()} at global step {self.global_step} "
@@ -179,7 +191,46 @@ class Stage1LightningModule(L.LightningModule):
     def validation_step(
         self, batch: dict[str, torch.Tensor], batch_idx: int
     ) -> dict[str, torch.Tensor]:
-        return self._common_step(batch, batch_idx, "val")
+        out = self._common_step(batch, batch_idx, "val")
+        self._val_skill.update(*self.skill_inputs(batch, out["reconstructed"], out["masks"]))
+        return out
+
+    def skill_inputs(
+        self, batch: dict[str, torch.Tensor], reconstructed: torch.Tensor, masks: torch.Tensor
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``(truth, pred, masks, times)`` in raw feature space, as ``stage1 evaluate`` feeds
+        its :class:`MetricAccumulator`."""
+        mean = self.model.norm_mean.double()[:, None, :]
+        std = self.model.norm_std.double()[:, None, :]
+        truth = batch["targets"].double() * std + mean
+        pred = reconstructed.double() * std + mean
+        return (
+            truth.cpu().numpy(),
+            pred.cpu().numpy(),
+            masks.cpu().numpy(),
+            batch["times"].cpu().numpy(),
+        )
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_skill = MetricAccumulator(
+            self.timeframes, self.model.norm_std.double().cpu().numpy()
+        )
+
+    def on_validation_epoch_end(self) -> None:
+        """Skill against the naive baselines on the hidden bars of this validation pass, computed
+        by the evaluation's own accumulator (mean over timeframes and per timeframe)."""
+        if self._val_skill.n_windows == 0:
+            return
+        result = self._val_skill.result()
+        values = {f"val/skill_{name}": result["mean"].get(f"skill_{name}") for name in SKILL_LOGGED}
+        for tf, entry in result["per_tf"].items():
+            values |= {
+                f"val/skill_{name}_{tf}": entry.get(f"skill_{name}") for name in SKILL_LOGGED
+            }
+        for tag, value in values.items():
+            if value is not None:
+                prog = tag in ("val/skill_bridge", "val/skill_interp")
+                self.log(tag, float(value), prog_bar=prog, sync_dist=True)
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
         return self._common_step(batch, batch_idx, "test")

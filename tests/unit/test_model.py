@@ -135,13 +135,36 @@ def test_encode_is_the_encoder_half_of_forward() -> None:
             torch.testing.assert_close(model.encode(x, m), model(x, m)["encoded"], rtol=0, atol=0)
 
 
-def test_every_parameter_receives_a_finite_gradient() -> None:
-    config = load_config("configs/test.yaml")
-    model = Stage1Model(config)
+MODEL_VARIANTS = [
+    {"model.prior": "bridge", "model.window_scale": True},
+    {"model.prior": "bridge", "model.window_scale": False},
+    {"model.prior": "none", "model.window_scale": True},
+    {"model.prior": "none", "model.window_scale": False},
+]
+
+
+def with_normalizer(model: Stage1Model, seed: int = 5) -> Stage1Model:
+    """Non-trivial normaliser statistics (the prior and the window scale work in raw space)."""
+    gen = torch.Generator().manual_seed(seed)
+    mean = torch.randn(model.n_tf, 6, generator=gen) * 1e-3
+    std = torch.rand(model.n_tf, 6, generator=gen) * 1e-3 + 1e-4
+    model.set_normalizer(mean, std)
+    return model
+
+
+@pytest.mark.parametrize("variant", MODEL_VARIANTS, ids=lambda v: "-".join(map(str, v.values())))
+def test_every_parameter_receives_a_finite_gradient(variant: dict[str, object]) -> None:
+    config = load_config("configs/test.yaml", [f"{k}={v}" for k, v in variant.items()])
+    model = with_normalizer(Stage1Model(config))
+    for decoder in model.decoders:
+        # The bridge prior starts its heads at zero (the model IS the bridge before training),
+        # which stops every gradient behind them at step 0: give them weights for this check.
+        torch.nn.init.normal_(decoder.head.weight, std=0.02)
     x, masks = random_batch(3, 6, config.data.seq_len)
     out = model(x, masks)
     assert torch.isfinite(out["reconstructed"]).all() and torch.isfinite(out["encoded"]).all()
-    loss = Stage1CombinedLoss(config)(out["reconstructed"], x, masks)["total"]
+    loss = Stage1CombinedLoss(config)(out["reconstructed"], x, masks, None, out.get("scale"))
+    loss = loss["total"]
     loss.backward()
     missing = [name for name, p in model.named_parameters() if p.grad is None]
     assert not missing, f"no gradient reached: {missing}"
@@ -159,9 +182,13 @@ def test_outputs_stay_finite_for_extreme_inputs() -> None:
         assert torch.isfinite(out["reconstructed"]).all() and torch.isfinite(out["encoded"]).all()
 
 
-def test_hidden_input_values_do_not_change_the_output() -> None:
-    config = tiny_config(6, 48)
-    model = Stage1Model(config).eval()
+@pytest.mark.parametrize("variant", MODEL_VARIANTS, ids=lambda v: "-".join(map(str, v.values())))
+def test_hidden_input_values_do_not_change_the_output(variant: dict[str, object]) -> None:
+    """Every model input (fill, window scale, centre, hidden flag, log scale) is hidden-blind."""
+    config = tiny_config(6, 48, **variant)
+    model = with_normalizer(Stage1Model(config)).eval()
+    for decoder in model.decoders:
+        torch.nn.init.normal_(decoder.head.weight, std=0.02)
     x, masks = random_batch(2, 6, 48)
     tampered = x.clone()
     tampered[masks] = torch.randn(int(masks.sum()), 6) * 100.0
@@ -259,10 +286,14 @@ def test_mixed_precision_forward_backward(dtype: torch.dtype) -> None:
     config = load_config("configs/test.yaml")
     model, criterion = Stage1Model(config), Stage1CombinedLoss(config)
     x, masks = random_batch(4, 6, config.data.seq_len)
+    head_dtypes: list[torch.dtype] = []
+    model.decoders[0].head.register_forward_hook(lambda m, i, o: head_dtypes.append(o.dtype))
     with torch.autocast("cpu", dtype=dtype):
         out = model(x, masks)
-        losses = criterion(out["reconstructed"], x, masks)
-    assert out["reconstructed"].dtype == dtype  # autocast really ran in low precision
+        losses = criterion(out["reconstructed"], x, masks, None, out.get("scale"))
+    assert head_dtypes == [dtype]  # autocast really ran the network in low precision...
+    # ...while the prior + correction is added in fp32: a pip is 1e-6 of the price
+    assert out["reconstructed"].dtype == torch.float32
     assert all(value.dtype == torch.float32 for value in losses.values())
     losses["total"].backward()
     assert torch.isfinite(losses["total"])

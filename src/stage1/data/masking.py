@@ -46,6 +46,11 @@ class MaskingStrategy:
     ``sync=True`` additionally hides every coarser bar that overlaps, in calendar time, a
     hidden bar of any finer timeframe (also one hidden this way), so the same calendar span is
     hidden in every timeframe. Coarse timeframes then hide more than ``mask_ratio``.
+
+    ``right_edge`` (default ``masking.right_edge_ratio``; evaluation passes 0) is the probability
+    that a (window, timeframe) row's newest span is moved to end at the newest bar, the situation
+    of a live agent. With ``sync`` only the base timeframe's draw matters for the coarse ones
+    (their overlapping bars are hidden anyway).
     """
 
     def __init__(self, masking_cfg: Any, timeframes: Sequence[str], seq_len: int) -> None:
@@ -53,6 +58,7 @@ class MaskingStrategy:
         self.seq_len = seq_len
         self.mask_ratio = float(masking_cfg.mask_ratio)
         self.sync_tf = bool(masking_cfg.sync_tf)
+        self.right_edge_ratio = float(getattr(masking_cfg, "right_edge_ratio", 0.0))
         self.span_min_bars = int(masking_cfg.span_min_bars)
         self.span_max_bars = int(masking_cfg.span_max_bars)
         self.tf_durations_ns = [tf_ns(tf) for tf in self.timeframes]
@@ -77,11 +83,13 @@ class MaskingStrategy:
         times: torch.Tensor,
         generator: torch.Generator | None = None,
         sync: bool | None = None,
+        right_edge: float | None = None,
     ) -> torch.Tensor:
         """Masks for a batch: ``times`` int64 ``[B, n_tf, seq_len]`` (bar open, UTC ns) →
         bool ``[B, n_tf, seq_len]`` on ``times.device``, True = hidden.
 
-        ``sync=None`` uses ``masking.sync_tf``; ``generator`` must live on ``times.device``.
+        ``sync=None`` uses ``masking.sync_tf``, ``right_edge=None`` uses
+        ``masking.right_edge_ratio``; ``generator`` must live on ``times.device``.
         """
         batch, n_tf, length = times.shape
         if n_tf != len(self.timeframes) or length != self.seq_len:
@@ -120,6 +128,13 @@ class MaskingStrategy:
         sep = (room - (n_real - 1) >= 0).long()
         free = room - sep * (n_real - 1)
         gaps = (rand(batch, n_tf, n_spans) * (free[..., None] + 1)).long().sort(-1).values
+        edge_ratio = self.right_edge_ratio if right_edge is None else float(right_edge)
+        if edge_ratio > 0:
+            # The newest real span ends at the newest bar when every gap from it on is maximal.
+            slot = torch.arange(n_spans, device=device)
+            newest = torch.where(span > 0, slot, -1).amax(-1, keepdim=True)
+            force = (rand(batch, n_tf) < edge_ratio)[..., None] & (slot >= newest)
+            gaps = torch.where(force, free[..., None], gaps)
         spans_before = is_span.cumsum(-1) - is_span
         start = first[:, None] + gaps + (span.cumsum(-1) - span) + sep[..., None] * spans_before
         start = start.clamp(max=length)

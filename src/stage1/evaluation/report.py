@@ -19,7 +19,7 @@ from stage1.data.features import CLOSE
 from stage1.evaluation.metrics import find_spans
 from stage1.utils import atomic_path, atomic_write_text
 
-PROBE_KINDS = ("encoder", "raw", "random")
+PROBE_KINDS = ("encoder", "raw", "random", "encoder+raw")
 HOW_TO_READ = (
     "Skill is 1 − MAE<sub>model</sub> / MAE<sub>baseline</sub> on the same hidden bars: "
     "&gt; 0 means the model beats that naive baseline, 0 means it is as good, &lt; 0 worse. "

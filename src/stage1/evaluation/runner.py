@@ -40,7 +40,7 @@ from stage1.evaluation.metrics import (
     pip_size,
 )
 from stage1.evaluation.probe import probe_targets, run_probe, window_summary_features
-from stage1.evaluation.report import PlotSamples, write_report
+from stage1.evaluation.report import PROBE_KINDS, PlotSamples, write_report
 from stage1.inference import pool_embeddings
 from stage1.model.model import Stage1Model
 from stage1.utils import atomic_write_text
@@ -91,7 +91,7 @@ DEFINITIONS = {
         "spaced subset of at most probe_max_train_windows train windows (lambda chosen on the "
         "last 20 % of them), scored on an evenly spaced subset of at most as many windows of the "
         "evaluated split. encoder: mean over latent steps of the unmasked encoding, concatenated "
-        "over timeframes; raw: per timeframe the newest bar's normalised features + the window's "
+        "over timeframes; encoder+raw: both concatenated; raw: per timeframe the newest bar's normalised features + the window's "
         "log realised volatility and log range; random: the same model, freshly initialised"
     ),
     "close_skill_fresh": "right_edge.close_skill_fresh = 1 - MAE_model / MAE_fresh over right-edge "
@@ -143,11 +143,15 @@ def _evenly_spaced(positions: np.ndarray, limit: int) -> np.ndarray:
     return positions[np.unique(np.linspace(0, len(positions) - 1, limit).round().astype(np.int64))]
 
 
-def random_model_like(config: DictConfig, seed: int, device: torch.device) -> Stage1Model:
-    """A freshly initialised Stage1Model of the same config (seeded; global RNG untouched)."""
+def random_model_like(
+    config: DictConfig, seed: int, device: torch.device, normalizer: TFNormalizer
+) -> Stage1Model:
+    """A freshly initialised Stage1Model of the same config and normaliser (seeded; global RNG
+    untouched)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Stage1Model(config)
+    model.set_normalizer(normalizer.mean, normalizer.std)
     return model.to(device).eval()
 
 
@@ -184,7 +188,8 @@ def run_probes(
     config: DictConfig,
     device: torch.device,
 ) -> dict[str, Any]:
-    """``{'encoder'|'raw'|'random': {vol_r2, sign_acc, sign_auc, n_train, n_test, ...}}``."""
+    """``{kind: {vol_r2, sign_acc, sign_auc, n_train, n_test, ...}}`` for every ``PROBE_KINDS``:
+    encoder, raw, random and encoder+raw (the two concatenated)."""
     horizon = int(config.evaluation.probe_horizon_bars)
     limit = int(config.evaluation.probe_max_train_windows)
     bar_ns = tf_ns(train.sampler.base_tf)
@@ -196,9 +201,12 @@ def run_probes(
         feats = probe_features(dataset, positions, models, device, f"probe features ({name})")
         sets[name] = (feats, log_vol[positions], sign[positions])
     (train_x, train_vol, train_sign), (test_x, test_vol, test_sign) = sets["train"], sets["test"]
+    for feats in (train_x, test_x):
+        # Does the embedding add anything to the hand-made features? Both, side by side.
+        feats["encoder+raw"] = np.concatenate([feats["encoder"], feats["raw"]], axis=1)
     return {
         kind: run_probe(train_x[kind], train_vol, train_sign, test_x[kind], test_vol, test_sign)
-        for kind in ("encoder", "raw", "random")
+        for kind in PROBE_KINDS
     }
 
 
@@ -230,7 +238,9 @@ def reconstruct_split(
     for start in range(0, len(positions), EVAL_BATCH_SIZE):
         batch = dataset.get_batch(positions[start : start + EVAL_BATCH_SIZE])
         truth = normalizer.denormalize(batch["targets"]).double()
-        masks = dataset.masking.generate(batch["times"].to(device), generator=generator, sync=sync)
+        masks = dataset.masking.generate(
+            batch["times"].to(device), generator=generator, sync=sync, right_edge=0.0
+        )
         out = model(batch["features"].to(device), masks)["reconstructed"].float().cpu()
         pred = normalizer.denormalize(out).double()
         masks_np = masks.cpu().numpy()
@@ -299,11 +309,13 @@ def evaluate_checkpoint(
     pip = pip_size(float(np.median(base_close)))
 
     sync = bool(config.evaluation.sync_masks)
-    accumulator, samples = reconstruct_split(model, evaluated, config, device, sync)
+    max_windows = config.evaluation.max_windows
+    scored = None if max_windows is None else _evenly_spaced(np.arange(len(evaluated)), max_windows)
+    accumulator, samples = reconstruct_split(model, evaluated, config, device, sync, scored)
     main = accumulator.result(pip=pip)
     models = {
         "encoder": model,
-        "random": random_model_like(config, int(config.evaluation.seed), device),
+        "random": random_model_like(config, int(config.evaluation.seed), device, normalizer),
     }
     probe = run_probes(
         datasets["train"], evaluated, models, base_close, base_open_ns, config, device
@@ -338,7 +350,8 @@ def evaluate_checkpoint(
     else:
         # The comparison pass runs on an evenly spaced subset: it only has to show the size of
         # the gap, and a full second pass would double the cost of every evaluation.
-        subset = _evenly_spaced(np.arange(len(evaluated)), UNSYNC_MAX_WINDOWS)
+        limit = UNSYNC_MAX_WINDOWS if max_windows is None else min(max_windows, UNSYNC_MAX_WINDOWS)
+        subset = _evenly_spaced(np.arange(len(evaluated)), limit)
         unsync = reconstruct_split(model, evaluated, config, device, False, subset)[0]
         unsync_result = unsync.result(pip=pip)
         metrics["unsynchronised"] = {

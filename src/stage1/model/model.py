@@ -1,4 +1,20 @@
-"""Stage1Model: stems -> SharedEncoder -> Bottleneck -> decoders (see docs/ARCHITECTURE.md)."""
+"""Stage1Model: stems -> SharedEncoder -> Bottleneck -> decoders (see docs/ARCHITECTURE.md).
+
+Around that core, two choices of ``config.model`` decide what the network sees and predicts:
+
+* ``prior: bridge`` fills hidden bars with the bar-aware bridge of their VISIBLE neighbours
+  (:mod:`stage1.model.prior`); the input shows the fill at hidden bars and the decoders predict a
+  correction on top of it (their heads start at zero, so an untrained model IS the bridge).
+  ``prior: none`` gives hidden bars a learned embedding and predicts them from scratch.
+* ``window_scale: true`` expresses the price features of each window and timeframe relative to
+  the newest visible base close, in units of that timeframe's mean visible bar range (RevIN-style,
+  visible bars only), adds a hidden-flag channel and the log of that scale (relative to the
+  train split's typical bar move), and scales the decoders' output back. Without it, the model
+  sees the z-scored features.
+
+Either way ``reconstructed`` is in z-scored (normaliser) units, like the targets, and
+``encoded`` is the bottleneck output ``[B, n_tf, latent_len, d_model]``.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +22,18 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from stage1.data.features import N_FEATURES
+from stage1.data.features import BODY_RATIO, DELTA_CLOSE, N_FEATURES
 from stage1.data.masking import mask_model_input
 from stage1.errors import ConfigError
 from stage1.model.bottleneck import Bottleneck, compute_latent_len
 from stage1.model.decoder import TFDecoder
 from stage1.model.encoder import SharedEncoder
+from stage1.model.prior import bridge_fill, last_visible_close, visible_scale
 from stage1.model.stem import TFSpecificStem, apply_stems
+
+PRIORS = ("bridge", "none")
+# Extra input channels with window_scale: hidden flag, log(scale / typical bar move).
+N_SCALE_CHANNELS = 2
 
 
 class Stage1Model(nn.Module):
@@ -20,8 +41,17 @@ class Stage1Model(nn.Module):
 
     ``forward(x [B, n_tf, L, 6], masks bool [B, n_tf, L] | None)`` ->
     ``{'reconstructed': [B, n_tf, L, 6], 'encoded': [B, n_tf, latent_len, d_model]}``.
-    Sizes come from ``config.model`` and ``config.data.{timeframes, seq_len}``.
+    Sizes come from ``config.model`` and ``config.data.{timeframes, seq_len}``. With
+    ``window_scale`` the output also holds ``'scale'`` ``[B, n_tf]`` (raw log units), the
+    visible bar scale the loss measures errors in.
+
+    ``norm_mean``/``norm_std`` (buffers ``[n_tf, 6]``, part of the state dict) are the
+    normaliser's statistics, set with :meth:`set_normalizer`; the prior and the window scale work
+    in raw feature space.
     """
+
+    norm_mean: torch.Tensor
+    norm_std: torch.Tensor
 
     def __init__(self, config: DictConfig) -> None:
         super().__init__()
@@ -33,12 +63,20 @@ class Stage1Model(nn.Module):
         if stride < 1:
             raise ConfigError(f"model.bottleneck.stride: must be >= 1, got {stride}")
         self.latent_len = compute_latent_len(self.seq_len, stride)
+        self.prior = str(model_cfg.prior)
+        if self.prior not in PRIORS:
+            raise ConfigError(f"model.prior: {self.prior!r} is not one of {list(PRIORS)}")
+        self.window_scale = bool(model_cfg.window_scale)
+        in_features = N_FEATURES + (N_SCALE_CHANNELS if self.window_scale else 0)
+        self.register_buffer("norm_mean", torch.zeros(self.n_tf, N_FEATURES))
+        self.register_buffer("norm_std", torch.ones(self.n_tf, N_FEATURES))
 
-        # Hidden bars are replaced by this learned value (per timeframe, in the 6-feature input
-        # space) before the stem, so no layer ever sees a hidden bar's real values.
+        # Added to hidden bars (per timeframe, in the 6-feature input space) after their values
+        # are replaced by the prior's fill (or by 0), so no layer sees a hidden bar's real values.
         self.mask_embedding = nn.Parameter(torch.zeros(self.n_tf, N_FEATURES))
         self.stems = nn.ModuleList(
-            TFSpecificStem(self.d_model, int(model_cfg.stem.kernel_size)) for _ in range(self.n_tf)
+            TFSpecificStem(self.d_model, int(model_cfg.stem.kernel_size), in_features)
+            for _ in range(self.n_tf)
         )
         self.encoder = SharedEncoder(
             n_tf=self.n_tf,
@@ -63,6 +101,23 @@ class Stage1Model(nn.Module):
             )
             for _ in range(self.n_tf)
         )
+        if self.prior != "none":
+            # An untrained model reproduces the prior exactly; training learns the correction.
+            for decoder in self.decoders:
+                nn.init.zeros_(decoder.head.weight)
+                nn.init.zeros_(decoder.head.bias)
+
+    @torch.no_grad()
+    def set_normalizer(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Store the normaliser's ``mean``/``std`` ``[n_tf, 6]`` (train split) in the model."""
+        for buffer, value in ((self.norm_mean, mean), (self.norm_std, std)):
+            value = torch.as_tensor(value, dtype=torch.float32)
+            if value.shape != buffer.shape:
+                raise ValueError(
+                    f"normaliser statistics: expected shape {tuple(buffer.shape)}, "
+                    f"got {tuple(value.shape)}"
+                )
+            buffer.copy_(value)
 
     def _check_input(self, x: torch.Tensor, masks: torch.Tensor | None) -> None:
         expected = f"[B, {self.n_tf}, {self.seq_len}, {N_FEATURES}]"
@@ -78,21 +133,83 @@ class Stage1Model(nn.Module):
                 f"got {masks.dtype} {tuple(masks.shape)}"
             )
 
+    def _prepare(
+        self, x: torch.Tensor, masks: torch.Tensor | None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Model input ``[B, n_tf, L, C]`` and what the output side needs (fill, scale)."""
+        self._check_input(x, masks)
+        if masks is None:
+            masks = torch.zeros(x.shape[:-1], dtype=torch.bool, device=x.device)
+        visible = mask_model_input(x, masks)
+        mean = self.norm_mean[:, None, :].to(x.dtype)
+        std = self.norm_std[:, None, :].to(x.dtype)
+        raw = visible * std + mean
+        fill = bridge_fill(raw, masks) if self.prior == "bridge" else raw
+        extra: dict[str, torch.Tensor] = {"fill": fill}
+        hidden = masks.unsqueeze(-1)
+        if self.window_scale:
+            scale = visible_scale(raw, masks)  # [B, n_tf]
+            centre = last_visible_close(raw, masks)[:, None, None, None]
+            unit = scale[..., None, None]
+            inputs = torch.cat(
+                [
+                    (fill[..., :DELTA_CLOSE] - centre) / unit,
+                    fill[..., DELTA_CLOSE : DELTA_CLOSE + 1] / unit,
+                    fill[..., BODY_RATIO:],
+                ],
+                dim=-1,
+            )
+            extra |= {"scale": scale, "centre": centre}
+        else:
+            inputs = (fill - mean) / std
+        if self.prior == "none":
+            inputs = inputs.masked_fill(hidden, 0.0)
+        inputs = torch.where(hidden, inputs + self.mask_embedding[:, None, :].to(x.dtype), inputs)
+        if self.window_scale:
+            typical = self.norm_std[:, DELTA_CLOSE].to(x.dtype)  # train std of one bar's move
+            log_scale = torch.log(extra["scale"] / typical)[..., None, None]
+            inputs = torch.cat(
+                [inputs, hidden.to(x.dtype), log_scale.expand(*inputs.shape[:-1], 1)], dim=-1
+            )
+        return inputs, extra
+
     def encode(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
         """The encoder half of :meth:`forward`: ``x [B, n_tf, L, 6]`` ->
         ``encoded [B, n_tf, latent_len, d_model]``. Inference calls this alone (no decoders)."""
-        self._check_input(x, masks)
-        if masks is not None:
-            x = mask_model_input(x, masks)
-            x = torch.where(masks.unsqueeze(-1), self.mask_embedding[:, None, :].to(x.dtype), x)
-        return self.bottleneck(self.encoder(apply_stems(self.stems, x)))
+        inputs, _ = self._prepare(x, masks)
+        return self.bottleneck(self.encoder(apply_stems(self.stems, inputs)))
 
     def forward(
         self, x: torch.Tensor, masks: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
         """x: ``[B, n_tf, L, 6]`` normalised features; masks: bool ``[B, n_tf, L]``, True = hidden."""
-        encoded = self.encode(x, masks)
-        reconstructed = torch.stack(
+        inputs, extra = self._prepare(x, masks)
+        encoded = self.bottleneck(self.encoder(apply_stems(self.stems, inputs)))
+        delta = torch.stack(
             [decoder(encoded[:, k]) for k, decoder in enumerate(self.decoders)], dim=1
         )
-        return {"reconstructed": reconstructed, "encoded": encoded}
+        out = {"encoded": encoded}
+        mean = self.norm_mean[:, None, :].to(delta.dtype)
+        std = self.norm_std[:, None, :].to(delta.dtype)
+        if self.window_scale:
+            unit = extra["scale"][..., None, None]
+            if self.prior == "none":
+                base = torch.cat(
+                    [extra["centre"].expand_as(delta[..., :DELTA_CLOSE]),
+                     torch.zeros_like(delta[..., DELTA_CLOSE:])],
+                    dim=-1,
+                )  # fmt: skip
+            else:
+                base = extra["fill"]
+            raw = torch.cat(
+                [base[..., :BODY_RATIO] + delta[..., :BODY_RATIO] * unit,
+                 base[..., BODY_RATIO:] + delta[..., BODY_RATIO:]],
+                dim=-1,
+            )  # fmt: skip
+            out["reconstructed"] = (raw - mean) / std
+            out["scale"] = extra["scale"]
+        elif self.prior == "none":
+            out["reconstructed"] = delta
+        else:
+            out["reconstructed"] = (extra["fill"] - mean) / std + delta
+        return out

@@ -27,39 +27,40 @@ class TFSpecificStem(nn.Module):
     of every timeframe in a single grouped convolution.
     """
 
-    def __init__(self, d_model: int, kernel_size: int = 3) -> None:
+    def __init__(self, d_model: int, kernel_size: int = 3, in_features: int = N_FEATURES) -> None:
         super().__init__()
+        self.in_features = in_features
         if kernel_size % 2 != 1:
             raise ConfigError(
                 f"model.stem.kernel_size: must be odd to keep the length, got {kernel_size}"
             )
-        hidden = N_FEATURES * FILTERS_PER_FEATURE
+        hidden = in_features * FILTERS_PER_FEATURE
         self.depthwise = nn.Conv1d(
-            N_FEATURES, hidden, kernel_size, padding=kernel_size // 2, groups=N_FEATURES
+            in_features, hidden, kernel_size, padding=kernel_size // 2, groups=in_features
         )
         self.pointwise = nn.Linear(hidden, d_model)
 
     def fused(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Kernel ``[d_model, 6, kernel_size]`` and bias ``[d_model]`` of pointwise ∘ depthwise.
+        """Kernel ``[d_model, in_features, kernel_size]`` and bias ``[d_model]`` of pointwise ∘ depthwise.
 
         Depth-wise output channel ``c * 4 + f`` filters input feature ``c``, so
         ``W[o, c, j] = sum_f P[o, c*4+f] * D[c*4+f, j]`` and ``b = P @ d_bias + p_bias``.
         """
         d_model = self.pointwise.out_features
-        depthwise = self.depthwise.weight.view(N_FEATURES, FILTERS_PER_FEATURE, -1)
-        pointwise = self.pointwise.weight.view(d_model, N_FEATURES, FILTERS_PER_FEATURE)
+        depthwise = self.depthwise.weight.view(self.in_features, FILTERS_PER_FEATURE, -1)
+        pointwise = self.pointwise.weight.view(d_model, self.in_features, FILTERS_PER_FEATURE)
         weight = torch.einsum("ocf,cfj->ocj", pointwise, depthwise)
         assert self.depthwise.bias is not None
         bias = torch.addmv(self.pointwise.bias, self.pointwise.weight, self.depthwise.bias)
         return weight, bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: ``[B, L, 6]`` -> ``[B, L, d_model]``."""
+        """x: ``[B, L, in_features]`` -> ``[B, L, d_model]``."""
         return apply_stems([self], x.unsqueeze(1)).squeeze(1)
 
 
 def apply_stems(stems: Iterable[nn.Module], x: torch.Tensor) -> torch.Tensor:
-    """Stem ``k`` applied to timeframe ``k``, all at once: ``[B, n_tf, L, 6] -> [B, n_tf, L, d]``."""
+    """Stem ``k`` applied to timeframe ``k``, all at once: ``[B, n_tf, L, C] -> [B, n_tf, L, d]``."""
     batch, n_tf, seq_len, n_features = x.shape
     weights, biases = [], []
     for stem in stems:
