@@ -87,13 +87,13 @@ def baseline_agg(
         is_covered = has_visible.any(axis=1)
         pick = np.arange(rows.size)
         lo_s, hi_s = lo[pick, source], hi[pick, source]
-        composite = bridges[rows, source]  # [M, L, 6]
+        # The source's composite is its bridge guess (truth where visible).
         inside = (positions[None, :] >= lo_s[:, None]) & (positions[None, :] < hi_s[:, None])
         first, last = np.clip(lo_s, 0, positions.size - 1), np.clip(hi_s - 1, 0, None)
-        agg_open = composite[pick, first, OPEN]
-        agg_close = composite[pick, last, CLOSE]
-        agg_high = np.where(inside, composite[..., HIGH], -np.inf).max(axis=1)
-        agg_low = np.where(inside, composite[..., LOW], np.inf).min(axis=1)
+        agg_open = bridges[rows, source, first, OPEN]
+        agg_close = bridges[rows, source, last, CLOSE]
+        agg_high = np.where(inside, bridges[rows, source, :, HIGH], -np.inf).max(axis=1)
+        agg_low = np.where(inside, bridges[rows, source, :, LOW], np.inf).min(axis=1)
         bridge = bridges[rows, k, cols]  # [M, 6]
         partial = ~spans_start[pick, source]
         agg_open = np.where(partial, bridge[:, OPEN], agg_open)

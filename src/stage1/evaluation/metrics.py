@@ -246,12 +246,14 @@ class MetricAccumulator:
     ) -> None:
         """Absolute-error sums of timeframe ``k`` per source and span class, and the right-edge
         close errors of the model and of the last known price ``fresh`` ``[B]``."""
-        for c, name in enumerate(CLASSES):
-            hidden = classes[name]
-            self.n_bars[k, c] += int(hidden.sum())
-            self.n_spans[k, c] += count_spans(hidden)
-            for s, source in enumerate(SOURCES):
-                self.abs_err[k, s, c] += np.abs(guesses[source] - values)[hidden].sum(axis=0)
+        hidden = classes["interior"] | classes["right_edge"]
+        # Every class is a subset of the hidden bars: [C, n_hidden] 0/1 weights, one matmul per
+        # source instead of one masked sum per (source, class).
+        weights = np.stack([classes[name][hidden] for name in CLASSES]).astype(np.float64)
+        self.n_bars[k] += weights.sum(axis=1).astype(np.int64)
+        self.n_spans[k] += [count_spans(classes[name]) for name in CLASSES]
+        for s, source in enumerate(SOURCES):
+            self.abs_err[k, s] += weights @ np.abs(guesses[source][hidden] - values[hidden])
         right_edge = classes["right_edge"]
         true_close = values[..., CLOSE][right_edge]
         model_close = guesses["model"][..., CLOSE][right_edge]
