@@ -6,7 +6,7 @@
 On synthetic M1 data with the given config and a freshly initialised model (weights do not
 change the cost), one evaluation batch is timed stage by stage, median of ``--repeats`` runs:
 window building (gather + features + normalise), mask generation (synchronised), the model's
-masked forward, and the metrics (three baselines + every metric, ``MetricAccumulator.update``).
+masked forward, and the metrics (four baselines incl. agg + every metric, ``MetricAccumulator.update``).
 The same-run baseline is the model forward: the ratio says how much the honest metrics add on
 top of the reconstruction itself. Probes and the report are one-off costs, not per window.
 """
@@ -74,7 +74,7 @@ def main() -> None:
             batch["times"], generator=generator, sync=True
         ),
         "model forward (masked)": forward,
-        "metrics (3 baselines + all metrics)": metrics,
+        "metrics (4 baselines + all metrics)": metrics,
     }
     n = len(positions)
     print(f"bench_evaluation: config={args.config} batch={n} windows, torch threads="
@@ -83,7 +83,7 @@ def main() -> None:
     for name, s in seconds.items():
         print(f"  {name:<38} {s * 1e3:8.1f} ms  {n / s:10,.0f} windows/s")
     total = sum(seconds.values())
-    ratio = seconds["metrics (3 baselines + all metrics)"] / seconds["model forward (masked)"]
+    ratio = seconds["metrics (4 baselines + all metrics)"] / seconds["model forward (masked)"]
     print(f"  metrics / model forward (same run): {ratio:.2f}x")
     print(f"  one masked pass, all stages: {n / total:,.0f} windows/s "
           "(evaluate runs two: synchronised + unsynchronised masks)")  # fmt: skip

@@ -313,11 +313,11 @@ def test_result_lists_every_feature_and_span_class():
     truth, masks, times = multi_tf_batch(10)
     entry = evaluate(truth, truth * 0.9, masks, times)["per_tf"]["m5"]
     assert set(entry["features"]) == set(FEATURE_NAMES)
-    assert entry["features"]["close"]["best_baseline"] in ("last", "interp", "bridge")
-    for name in ("interior", "right_edge"):
-        assert {"mae", "skill_last", "skill_interp", "skill_bridge", "skill_best"} <= set(
-            entry[name]
-        )
+    assert entry["features"]["close"]["best_baseline"] in ("last", "interp", "bridge", "agg")
+    for name in ("interior", "right_edge", "covered", "uncovered"):
+        assert {
+            "mae", "skill_last", "skill_interp", "skill_bridge", "skill_agg", "skill_best"
+        } <= set(entry[name])  # fmt: skip
 
 
 # ---- probes -------------------------------------------------------------------------------

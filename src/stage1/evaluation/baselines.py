@@ -1,6 +1,7 @@
-"""Naive baselines for masked reconstruction (SPEC §6): ``last``, ``interp`` and ``bridge``.
+"""Naive baselines for masked reconstruction (SPEC §6): ``last``, ``interp`` and ``bridge``
+(and the names of all four; the cross-timeframe ``agg`` lives in :mod:`stage1.evaluation.agg`).
 
-All functions work on ONE timeframe at a time, in RAW feature space (log price relative to the
+All functions here work on ONE timeframe at a time, in RAW feature space (log price relative to the
 window's reference price, as produced by ``FeatureEngineer`` before normalisation):
 
 * ``values``: float ``[N, L, 6]`` with features ``open, high, low, close, delta_close, body_ratio``;
@@ -24,7 +25,9 @@ import numpy as np
 from stage1.data.features import BODY_RATIO, CLOSE, DELTA_CLOSE, HIGH, LOW, OPEN
 
 PRICE_FEATURES = (OPEN, HIGH, LOW, CLOSE)
-BASELINE_NAMES = ("last", "interp", "bridge")
+SINGLE_TF_BASELINES = ("last", "interp", "bridge")
+# agg needs every timeframe of a window and does not exist on the base timeframe.
+BASELINE_NAMES = (*SINGLE_TF_BASELINES, "agg")
 
 
 def neighbour_indices(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -152,7 +155,8 @@ def baseline_bridge(values: np.ndarray, masks: np.ndarray) -> np.ndarray:
 
 
 def all_baselines(values: np.ndarray, masks: np.ndarray) -> dict[str, np.ndarray]:
-    """``{name: guess [N, L, 6]}`` for the three baselines, in ``BASELINE_NAMES`` order."""
+    """``{name: guess [N, L, 6]}`` for the three single-timeframe baselines, in
+    ``SINGLE_TF_BASELINES`` order."""
     return {
         "last": baseline_last(values, masks),
         "interp": baseline_interp(values, masks),

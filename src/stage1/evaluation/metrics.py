@@ -13,8 +13,12 @@ Conventions (also written into the metrics JSON under ``definitions``):
   four price features (open, high, low, close); every price feature has the same number of hidden
   bars, so this is the pooled MAE. Headline ``skill_X = 1 - mae_model / mae_X`` uses those means;
   ``skill_best`` compares with the best baseline chosen per feature.
+* ``skill_best`` and ``best_baseline`` take ``agg`` (:mod:`stage1.evaluation.agg`) into account
+  where it exists (every timeframe but the base one, where ``mae_agg`` / ``skill_agg`` are None).
 * ``right_edge`` bars are hidden bars after the last visible information of the window (see
-  :func:`span_class_masks`); every other hidden bar is ``interior``.
+  :func:`span_class_masks`); every other hidden bar is ``interior``. On every coarser timeframe
+  the hidden bars are also split into ``covered`` (a visible finer bar inside the bar's period)
+  and ``uncovered`` (:func:`coverage_class_masks`); the base timeframe has no such blocks.
 """
 
 from __future__ import annotations
@@ -27,70 +31,27 @@ import numpy as np
 
 from stage1.data.features import CLOSE, DELTA_CLOSE, FEATURE_NAMES, N_FEATURES
 from stage1.data.timeframes import tf_ns
+from stage1.evaluation.agg import baseline_agg
 from stage1.evaluation.baselines import (
     BASELINE_NAMES,
     PRICE_FEATURES,
     all_baselines,
 )
+from stage1.evaluation.spans import COVERAGE_CLASSES as COVERAGE_CLASSES
+from stage1.evaluation.spans import SPAN_CLASSES as SPAN_CLASSES
+from stage1.evaluation.spans import count_spans as count_spans
+from stage1.evaluation.spans import coverage_class_masks
+from stage1.evaluation.spans import find_spans as find_spans
+from stage1.evaluation.spans import freshest_visible_close as freshest_visible_close
+from stage1.evaluation.spans import span_class_masks as span_class_masks
 
 SOURCES = ("model", *BASELINE_NAMES)
-SPAN_CLASSES = ("interior", "right_edge")
+# Classes of hidden bars with their own block: two partitions (interior + right_edge; on coarser
+# timeframes also covered + uncovered).
+CLASSES = (*SPAN_CLASSES, *COVERAGE_CLASSES)
 CONSISTENCY_TOLERANCE_STD = 0.25
 RIGHT_EDGE_SKILL_ALARM = 0.01
 SIGN_AUC_ALARM = 0.55
-
-
-def find_spans(mask_row: np.ndarray) -> list[tuple[int, int]]:
-    """Hidden spans of one mask row as ``(start, stop)`` pairs, ``stop`` exclusive.
-
-    mask_row: bool ``[L]``, True = hidden.
-    """
-    padded = np.concatenate([[False], np.asarray(mask_row, dtype=bool), [False]])
-    edges = np.flatnonzero(padded[1:] != padded[:-1])
-    return [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2], strict=True)]
-
-
-def span_class_masks(
-    masks: np.ndarray, times: np.ndarray, timeframes: Sequence[str]
-) -> dict[str, np.ndarray]:
-    """Split hidden bars into ``right_edge`` and ``interior``, all timeframes of a window at once.
-
-    A hidden bar is at the right edge when no visible bar of ANY timeframe closes at or after
-    its close: nothing later is known, so its close is a martingale step from the last known
-    price and no honest model beats "carry the last close" there. On the base timeframe these
-    are exactly the spans that end at the newest bar. On a coarser timeframe a hidden newest bar
-    whose close a visible finer bar gives away (a finer bar closing at the same time, or later)
-    counts as interior: it is bridged, not extrapolated.
-
-    masks: bool ``[N, n_tf, L]``; times: bar open times, int64 ns ``[N, n_tf, L]``.
-    Returns ``{'interior', 'right_edge'}``, each bool ``[N, n_tf, L]``.
-    """
-    durations = np.array([tf_ns(tf) for tf in timeframes], dtype=np.int64)
-    closes = times + durations[None, :, None]
-    last_visible_close = np.where(masks, np.iinfo(np.int64).min, closes).max(axis=(1, 2))
-    right_edge = masks & (closes > last_visible_close[:, None, None])
-    return {"interior": masks & ~right_edge, "right_edge": right_edge}
-
-
-def freshest_visible_close(
-    close: np.ndarray, masks: np.ndarray, times: np.ndarray, timeframes: Sequence[str]
-) -> np.ndarray:
-    """The last known price of each window: the close of the visible bar, over all timeframes,
-    that closes last. The best guess for any close after it (a martingale step).
-
-    close: raw close ``[N, n_tf, L]``; masks, times: ``[N, n_tf, L]``. Returns ``[N]``.
-    """
-    durations = np.array([tf_ns(tf) for tf in timeframes], dtype=np.int64)
-    close_times = np.where(masks, np.iinfo(np.int64).min, times + durations[None, :, None])
-    newest = close_times.reshape(len(close), -1).argmax(axis=1)
-    return close.reshape(len(close), -1)[np.arange(len(close)), newest]
-
-
-def count_spans(masks: np.ndarray) -> int:
-    """Number of hidden spans in ``masks`` (bool ``[..., L]``)."""
-    starts = masks.copy()
-    starts[..., 1:] &= ~masks[..., :-1]
-    return int(starts.sum())
 
 
 def mae_on_hidden(pred: np.ndarray, truth: np.ndarray, masks: np.ndarray) -> np.ndarray:
@@ -207,10 +168,10 @@ class MetricAccumulator:
         self.timeframes = list(timeframes)
         self.feature_std = np.asarray(feature_std, dtype=np.float64)
         n_tf = len(self.timeframes)
-        self.abs_err = np.zeros((n_tf, len(SOURCES), len(SPAN_CLASSES), N_FEATURES))
-        self.n_bars = np.zeros((n_tf, len(SPAN_CLASSES)), dtype=np.int64)
+        self.abs_err = np.zeros((n_tf, len(SOURCES), len(CLASSES), N_FEATURES))
+        self.n_bars = np.zeros((n_tf, len(CLASSES)), dtype=np.int64)
         # Spans per class (runs of that class's bars) and in all; a coarse span can be split.
-        self.n_spans = np.zeros((n_tf, len(SPAN_CLASSES)), dtype=np.int64)
+        self.n_spans = np.zeros((n_tf, len(CLASSES)), dtype=np.int64)
         self.n_spans_total = np.zeros(n_tf, dtype=np.int64)
         self.price_abs_err = np.zeros(n_tf)
         self.n_price_bars = np.zeros(n_tf, dtype=np.int64)
@@ -243,16 +204,21 @@ class MetricAccumulator:
         self.n_windows += truth.shape[0]
         interp_all = np.empty_like(truth)
         composite_base: np.ndarray | None = None
-        classes = span_class_masks(masks, times, self.timeframes)
+        single = [all_baselines(truth[:, k], masks[:, k]) for k in range(len(self.timeframes))]
+        bridges = np.stack([guesses["bridge"] for guesses in single], axis=1)
+        agg, covered = baseline_agg(truth, masks, times, self.timeframes, bridges)
+        classes = {
+            **span_class_masks(masks, times, self.timeframes),
+            **coverage_class_masks(masks, covered),
+        }
         fresh = freshest_visible_close(truth[..., CLOSE], masks, times, self.timeframes)
         for k, tf in enumerate(self.timeframes):
             values, tf_masks = truth[:, k], masks[:, k]
-            guesses = {"model": pred[:, k], **all_baselines(values, tf_masks)}
+            # On the base timeframe agg is the bridge; its errors are never reported there.
+            guesses = {"model": pred[:, k], **single[k], "agg": agg[:, k]}
             interp_all[:, k] = guesses["interp"]
             self.n_spans_total[k] += count_spans(tf_masks)
-            self._update_errors(
-                k, values, guesses, {c: classes[c][:, k] for c in SPAN_CLASSES}, fresh
-            )
+            self._update_errors(k, values, guesses, {c: classes[c][:, k] for c in CLASSES}, fresh)
             self._update_scalars(k, values, guesses, tf_masks)
             if truth_prices is not None and pred_prices is not None:
                 err = np.abs(pred_prices[:, k] - truth_prices[:, k])[tf_masks]
@@ -280,12 +246,14 @@ class MetricAccumulator:
     ) -> None:
         """Absolute-error sums of timeframe ``k`` per source and span class, and the right-edge
         close errors of the model and of the last known price ``fresh`` ``[B]``."""
-        for c, name in enumerate(SPAN_CLASSES):
-            hidden = classes[name]
-            self.n_bars[k, c] += int(hidden.sum())
-            self.n_spans[k, c] += count_spans(hidden)
-            for s, source in enumerate(SOURCES):
-                self.abs_err[k, s, c] += np.abs(guesses[source] - values)[hidden].sum(axis=0)
+        hidden = classes["interior"] | classes["right_edge"]
+        # Every class is a subset of the hidden bars: [C, n_hidden] 0/1 weights, one matmul per
+        # source instead of one masked sum per (source, class).
+        weights = np.stack([classes[name][hidden] for name in CLASSES]).astype(np.float64)
+        self.n_bars[k] += weights.sum(axis=1).astype(np.int64)
+        self.n_spans[k] += [count_spans(classes[name]) for name in CLASSES]
+        for s, source in enumerate(SOURCES):
+            self.abs_err[k, s] += weights @ np.abs(guesses[source][hidden] - values[hidden])
         right_edge = classes["right_edge"]
         true_close = values[..., CLOSE][right_edge]
         model_close = guesses["model"][..., CLOSE][right_edge]
@@ -314,13 +282,18 @@ class MetricAccumulator:
             self.spectrum_rows[k] += int(rows.sum())
 
     def _block(self, k: int, class_ids: Sequence[int], n_spans: int) -> dict[str, Any]:
-        """MAE and skills of timeframe ``k`` over the given span classes."""
+        """MAE and skills of timeframe ``k`` over the given classes of hidden bars, against every
+        baseline that exists there (no ``agg`` on the base timeframe: None)."""
         n_bars = int(self.n_bars[k, list(class_ids)].sum())
         block: dict[str, Any] = {"n_hidden_bars": n_bars, "n_spans": n_spans}
         with np.errstate(invalid="ignore", divide="ignore"):
             raw = self.abs_err[k][:, list(class_ids)].sum(axis=1) / n_bars  # [sources, F]
         mae = raw / self.feature_std[k]  # normalised units
-        best = mae[1:].min(axis=0) if n_bars else np.full(N_FEATURES, np.nan)
+        if k == 0:
+            mae[SOURCES.index("agg")] = np.nan
+        names = [name for name in BASELINE_NAMES if k > 0 or name != "agg"]
+        baselines = mae[[SOURCES.index(name) for name in names]]
+        best = baselines.min(axis=0) if n_bars else np.full(N_FEATURES, np.nan)
         price = list(PRICE_FEATURES)
         block["mae"] = _finite_or_none(mae[0, price].mean())
         for s, name in enumerate(BASELINE_NAMES, start=1):
@@ -336,7 +309,7 @@ class MetricAccumulator:
                 entry[f"mae_{name}"] = _finite_or_none(mae[s, f])
                 entry[f"skill_{name}"] = _finite_or_none(skill(mae[0, f], mae[s, f]))
             entry["skill_best"] = _finite_or_none(skill(mae[0, f], best[f]))
-            entry["best_baseline"] = BASELINE_NAMES[int(np.argmin(mae[1:, f]))] if n_bars else None
+            entry["best_baseline"] = names[int(np.argmin(baselines[:, f]))] if n_bars else None
             features[fname] = entry
         block["features"] = features
         return block
@@ -363,8 +336,9 @@ class MetricAccumulator:
             agree, checked = self.consistency[k]
             entry["consistency_ratio"] = float(agree / checked) if checked else None
             entry["consistency_n"] = int(checked)
-            for c, name in enumerate(SPAN_CLASSES):
-                entry[name] = self._block(k, [c], int(self.n_spans[k, c]))
+            for c, name in enumerate(CLASSES):
+                if k > 0 or name in SPAN_CLASSES:
+                    entry[name] = self._block(k, [c], int(self.n_spans[k, c]))
             model_err, fresh_err = self.fresh_abs_err[k]
             entry["right_edge"]["close_skill_fresh"] = _finite_or_none(skill(model_err, fresh_err))
             per_tf[tf] = entry
@@ -378,10 +352,12 @@ def mean_over_timeframes(per_tf: Mapping[str, Mapping[str, Any]]) -> dict[str, A
     out: dict[str, Any] = {}
     if not entries:
         return out
-    for key in entries[0]:
+    # Keys in first-seen order: a block absent on some timeframes (covered on the base one) is
+    # averaged over the timeframes that have it.
+    for key in dict.fromkeys(key for e in entries for key in e):
         values = [e.get(key) for e in entries]
         nested = [v for v in values if isinstance(v, Mapping)]
-        if len(nested) == len(values):
+        if nested and all(v is None or isinstance(v, Mapping) for v in values):
             out[key] = mean_over_timeframes({str(i): v for i, v in enumerate(nested)})
             continue
         numbers = [

@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from stage1.data.features import CLOSE
-from stage1.evaluation.metrics import find_spans
+from stage1.evaluation.spans import find_spans
 from stage1.utils import atomic_path, atomic_write_text
 
 PROBE_KINDS = ("encoder", "raw", "random", "encoder+raw")
@@ -25,8 +25,12 @@ HOW_TO_READ = (
     "&gt; 0 means the model beats that naive baseline, 0 means it is as good, &lt; 0 worse. "
     "<b>last</b> carries the last visible bar forward, <b>interp</b> interpolates linearly "
     "across the span, <b>bridge</b> runs the hidden closes from the last visible close to the "
-    "next visible open and adds the median visible wick; skill_best is against the best of the "
-    "three per feature. Correlation of price levels alone proves nothing: any smooth guess "
+    "next visible open and adds the median visible wick; <b>agg</b> (coarser timeframes only) "
+    "rebuilds a hidden coarse bar from the visible finer bars inside its period, so what "
+    "aggregation gives away earns the model no credit; skill_best is against the best baseline "
+    "per feature, and the table of best baselines says which one that is. <b>covered</b> hidden "
+    "coarse bars have a visible finer bar inside their period, <b>uncovered</b> ones none: skill "
+    "on uncovered bars is what the model adds where no finer timeframe helps. Correlation of price levels alone proves nothing: any smooth guess "
     "scores about 0.99 (compare corr_close with corr_close_interp). Right-edge bars are hidden "
     "bars after the last visible information in any timeframe: their close is a martingale step "
     "from the last known price, so close skill against that price should be about 0. "
@@ -91,14 +95,14 @@ def plot_reconstructions(samples: PlotSamples, tf_index: int, path: Path) -> Pat
 
 
 def plot_skill(per_tf: Mapping[str, Mapping[str, Any]], path: Path) -> Path:
-    """Skill per timeframe against the three baselines (price features), and close skill on
+    """Skill per timeframe against each baseline (price features), and close skill on
     interior vs right-edge spans."""
     timeframes = list(per_tf)
     x = np.arange(len(timeframes))
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4), layout="constrained")
-    for i, name in enumerate(("last", "interp", "bridge", "best")):
+    for i, name in enumerate(("last", "interp", "bridge", "agg", "best")):
         values = [_number(per_tf[tf].get(f"skill_{name}")) for tf in timeframes]
-        left.bar(x + (i - 1.5) * 0.2, values, width=0.2, label=name)
+        left.bar(x + (i - 2) * 0.16, values, width=0.16, label=name)
     left.set_title("skill on hidden bars (open/high/low/close) vs baseline")
     interior = [
         _number(per_tf[tf]["interior"]["features"]["close"].get("skill_best")) for tf in timeframes
@@ -160,7 +164,7 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 METRIC_COLUMNS = (
     "n_hidden_bars", "mae", "mae_price", "mae_pips", "corr_close", "corr_close_interp",
-    "corr_delta", "skill_last", "skill_interp", "skill_bridge", "skill_best",
+    "corr_delta", "skill_last", "skill_interp", "skill_bridge", "skill_agg", "skill_best",
     "consistency_ratio", "spectrum_error", "spectrum_error_interp",
 )  # fmt: skip
 
@@ -183,6 +187,51 @@ def _metrics_table(per_tf: Mapping[str, Mapping[str, Any]], mean: Mapping[str, A
         cells.append(f"<td>{_fmt(interior.get('skill_best'))}</td>")
         cells.append(f"<td>{_fmt(entry.get('right_edge', {}).get('close_skill_fresh'))}</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
+
+
+BLOCK_COLUMNS = (
+    "n_hidden_bars", "mae", "skill_last", "skill_interp", "skill_bridge", "skill_agg",
+    "skill_best",
+)  # fmt: skip
+BEST_FEATURES = ("open", "high", "low", "close")
+
+
+def _best_baseline_table(per_tf: Mapping[str, Mapping[str, Any]]) -> str:
+    """Which baseline is best (lowest MAE) per timeframe, class of hidden bars and feature."""
+    blocks = ("all", "interior", "right_edge", "covered", "uncovered")
+    head = "".join(f"<th>{c}</th>" for c in ("timeframe", "hidden bars", *BEST_FEATURES))
+    rows = []
+    for tf, entry in per_tf.items():
+        for block in blocks:
+            source = entry if block == "all" else entry.get(block)
+            if not source:
+                continue
+            feats = source.get("features", {})
+            cells = "".join(
+                f"<td>{_fmt(feats.get(f, {}).get('best_baseline'))}</td>" for f in BEST_FEATURES
+            )
+            rows.append(f"<tr><td>{html.escape(tf)}</td><td>{block}</td>{cells}</tr>")
+    return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
+
+
+def _coverage_table(per_tf: Mapping[str, Mapping[str, Any]]) -> str:
+    """Per coarser timeframe: covered vs uncovered hidden bars, each with its own skills."""
+    head = "".join(
+        f"<th>{c}</th>" for c in ("timeframe", "hidden bars", *BLOCK_COLUMNS, "close skill_bridge")
+    )
+    rows = []
+    for tf, entry in per_tf.items():
+        for block in ("covered", "uncovered"):
+            if block not in entry:
+                continue
+            values = entry[block]
+            close = values.get("features", {}).get("close", {})
+            cells = "".join(f"<td>{_fmt(values.get(c))}</td>" for c in BLOCK_COLUMNS)
+            rows.append(
+                f"<tr><td>{html.escape(tf)}</td><td>{block}</td>{cells}"
+                f"<td>{_fmt(close.get('skill_bridge'))}</td></tr>"
+            )
     return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
 
 
@@ -244,6 +293,12 @@ masks: {html.escape(str(metrics.get("masking", {})))}</p>
 <p>mae in normalised units (price features), mae_price in price units, mae_pips in pips
 ({html.escape(str(metrics.get("definitions", {}).get("pip", "")))}).</p>
 {_metrics_table(metrics.get("per_tf", {}), metrics.get("mean", {}))}
+<h2>Coarser timeframes: hidden bars with and without visible finer bars inside</h2>
+<p>covered: at least one visible bar of a finer timeframe opens inside the bar's period (agg
+reads them); uncovered: none (agg is the bridge there).</p>
+{_coverage_table(metrics.get("per_tf", {}))}
+<h2>Best baseline (lowest MAE) per timeframe, hidden-bar class and feature</h2>
+{_best_baseline_table(metrics.get("per_tf", {}))}
 {unsync_html}
 <h2>Linear probes (fit on train windows, scored on this split)</h2>
 {_probe_table(metrics.get("probe", {}))}

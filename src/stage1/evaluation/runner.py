@@ -60,18 +60,30 @@ DEFINITIONS = {
     ),
     "hidden_only": "every metric uses hidden bars only; visible bars are known inputs",
     "skill": "skill_X = 1 - mae_model / mae_X on the same hidden bars; skill_best uses the best "
-    "baseline per feature",
+    "baseline per feature (agg included where it exists; best_baseline names it); skill_agg and "
+    "mae_agg are null on the base timeframe, and their mean is over the coarser timeframes",
     "baselines": {
         "last": "last visible bar carried forward (first visible after, for a span at position 0)",
         "interp": "linear interpolation between the visible neighbours; right edge: carry forward",
         "bridge": "hidden closes run linearly from the last visible close to the open of the next "
         "visible bar; hidden open = previous close; high/low = max/min(open, close) +/- the "
         "window's median visible upper/lower wick; right edge: carry forward",
+        "agg": "coarser timeframes only: a hidden bar with period P = [open, open + duration) "
+        "gets the aggregate (first open, max high, min low, last close) of the composite bars "
+        "(truth where visible, that timeframe's bridge where hidden) opening inside P of its "
+        "source: the finest finer timeframe with a visible bar inside P whose window starts at or "
+        "before P's open, else the finest finer timeframe with a visible bar inside P; when the "
+        "source's window starts after P's open, the open is the coarse bridge's and high/low are "
+        "max/min with the coarse bridge's; bars with no visible finer bar inside P (uncovered) "
+        "get the coarse bridge; exact when every source bar inside P is visible",
     },
     "span_classes": "right_edge = hidden bars after the last visible information of the window: no "
     "visible bar of any timeframe closes at or after their close (on the base timeframe: the "
     "spans ending at the newest bar; on coarser ones, newest bars whose close no visible finer "
-    "bar gives away); interior = every other hidden bar. n_spans counts runs of a class's bars",
+    "bar gives away); interior = every other hidden bar. On coarser timeframes the hidden bars are "
+    "also split into covered (at least one visible bar of a finer timeframe opens inside the "
+    "bar's period) and uncovered (none); the base timeframe has no covered/uncovered blocks. "
+    "n_spans counts runs of a class's bars",
     "corr": "Pearson over hidden bars of close (corr_close) and delta_close (corr_delta); "
     "corr_close_interp is the interp baseline's, for scale",
     "consistency_ratio": (
@@ -380,7 +392,8 @@ def _summary_line(metrics: dict[str, Any]) -> str:
     return (
         f"{metrics['split']}: {metrics['n_windows']:,} windows | mean skill vs "
         f"last {fmt(mean.get('skill_last'))}, interp {fmt(mean.get('skill_interp'))}, "
-        f"bridge {fmt(mean.get('skill_bridge'))}, best {fmt(mean.get('skill_best'))} | "
+        f"bridge {fmt(mean.get('skill_bridge'))}, agg {fmt(mean.get('skill_agg'))} (coarse "
+        f"tfs), best {fmt(mean.get('skill_best'))} | "
         f"vol R² encoder {fmt(probe['encoder'].get('vol_r2'))} / raw "
         f"{fmt(probe['raw'].get('vol_r2'))} / random {fmt(probe['random'].get('vol_r2'))} | "
         f"alarms: {len(metrics['alarms'])}"
