@@ -52,7 +52,7 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     masks = dataset.masking.generate(batch["times"], generator=generator, sync=True)
     with torch.inference_mode():
-        out = model(batch["features"], masks)["reconstructed"]
+        out = model(batch["features"], masks, batch["times"])["reconstructed"]
     truth = normalizer.denormalize(batch["targets"]).double()
     pred = normalizer.denormalize(out).double()
     std = normalizer.std.double().numpy()
@@ -66,7 +66,7 @@ def main() -> None:
 
     def forward() -> None:
         with torch.inference_mode():
-            model(batch["features"], masks)
+            model(batch["features"], masks, batch["times"])
 
     stages = {
         "windows (gather+features+normalise)": lambda: dataset.get_batch(positions),

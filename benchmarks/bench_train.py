@@ -80,8 +80,10 @@ def bare_step_s(config, data_dir: Path, steps: int, warmup: int) -> float:  # ty
     times = []
     for _ in range(warmup + steps):
         start = time.perf_counter()
-        out = module.model(batch["features"], masks)["reconstructed"]
-        loss = criterion(out, batch["targets"], masks, batch["times"])["total"]
+        out = module.model(batch["features"], masks, batch["times"])
+        loss = criterion(
+            out["reconstructed"], batch["targets"], masks, batch["times"], out.get("scale")
+        )["total"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

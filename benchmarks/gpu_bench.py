@@ -61,8 +61,10 @@ def train_throughput(
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with torch.autocast(device.type, dtype=torch.bfloat16):
             masks = masking.generate(batch["times"])
-            out = step_model(batch["features"], masks)
-            loss = criterion(out["reconstructed"], batch["targets"], masks, batch["times"])
+            out = step_model(batch["features"], masks, batch["times"])
+            loss = criterion(
+                out["reconstructed"], batch["targets"], masks, batch["times"], out.get("scale")
+            )
         loss["total"].backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

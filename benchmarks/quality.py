@@ -55,7 +55,9 @@ VARIANTS: dict[str, Variant] = {
     "cpu_seed2": Variant("cpu", seed=7, note="second seed"),
     "cpu_holdout2019": Variant("cpu", holdout=2019, note="trained on 2017-18, evaluated on 2019"),
     "cpu_no_prior": Variant("cpu", ["model.prior=none"], "no bridge prior (predict from scratch)"),
-    "cpu_no_scale": Variant("cpu", ["model.window_scale=false"], "z-scored inputs, no window scale"),
+    "cpu_no_scale": Variant(
+        "cpu", ["model.window_scale=false"], "z-scored inputs, no window scale"
+    ),
     "cpu_old_model": Variant(
         "cpu", ["model.prior=none", "model.window_scale=false"], "neither (the previous model)"
     ),
@@ -88,7 +90,7 @@ def prepare_data(source: Path, out: Path, holdouts: set[int]) -> dict[str, Path]
         prepare(source, dirs["full"], force=True)
     for year in sorted(holdouts):
         frame: pd.DataFrame | None = None
-        for name, keep in (("before", lambda y: y < year), ("year", lambda y: y == year)):
+        for name in ("before", "year"):
             target = out / f"{name}_{year}"
             dirs[f"{name}_{year}"] = target
             if (target / "manifest.json").exists():
@@ -96,8 +98,9 @@ def prepare_data(source: Path, out: Path, holdouts: set[int]) -> dict[str, Path]
             if frame is None:
                 frame = pd.read_parquet(source)
             years = pd.DatetimeIndex(frame["timestamp"]).year
+            keep = years < year if name == "before" else years == year
             part = out / f"{name}_{year}.parquet"
-            frame[keep(years)].to_parquet(part, index=False)
+            frame[keep].to_parquet(part, index=False)
             prepare(part, target, force=True)
             part.unlink()
     return dirs
@@ -125,7 +128,9 @@ def run_variant(
     with log.open("w") as handle:
         subprocess.run(command, check=True, stdout=handle, stderr=subprocess.STDOUT)
     train_s = time.perf_counter() - started
-    eval_dir, split = (dirs[f"year_{variant.holdout}"], "all") if variant.holdout else (train_dir, "test")
+    eval_dir, split = (
+        (dirs[f"year_{variant.holdout}"], "all") if variant.holdout else (train_dir, "test")
+    )
     started = time.perf_counter()
     metrics = evaluate_checkpoint(
         run_dir / "checkpoints" / "stage1_best.pth",
@@ -224,7 +229,9 @@ def write_table(path: Path, rows: dict[str, dict[str, Any]], max_windows: int) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--source", type=Path, default=REPO.parent / "shared/data/usdjpy_m1_2017_2019.parquet")
+    parser.add_argument(
+        "--source", type=Path, default=REPO.parent / "shared/data/usdjpy_m1_2017_2019.parquet"
+    )
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "quality")
     parser.add_argument("--max_windows", type=int, default=15_000)

@@ -68,8 +68,8 @@ class ModelConfig:
     stem: StemConfig = field(default_factory=StemConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     bottleneck: BottleneckConfig = field(default_factory=BottleneckConfig)
-    # Hidden bars start from a naive fill of their visible neighbours (bridge | none).
-    prior: str = "bridge"
+    # Hidden bars start from a naive fill of visible bars (agg | bridge | none).
+    prior: str = "agg"
     # Inputs/outputs in units of each window's visible bar range (+ hidden flag, log scale).
     window_scale: bool = True
 

@@ -122,9 +122,11 @@ class Stage1LightningModule(L.LightningModule):
             self.config.masking, self.timeframes, int(self.config.data.seq_len)
         )
 
-    def forward(self, features: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(
+        self, features: torch.Tensor, masks: torch.Tensor, times: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """features ``[B, n_tf, L, 6]``, masks bool ``[B, n_tf, L]`` -> model outputs."""
-        return self.model(features, masks)
+        return self.model(features, masks, times)
 
     def _masks(self, batch: dict[str, torch.Tensor], batch_idx: int, stage: str) -> torch.Tensor:
         times = batch["times"]
@@ -157,7 +159,7 @@ class Stage1LightningModule(L.LightningModule):
                     self.global_rank,
                 )
             )
-        output = self.model(batch["features"], masks)
+        output = self.model(batch["features"], masks, batch["times"])
         reconstructed = output["reconstructed"]
         losses = self.criterion(
             reconstructed, batch["targets"], masks, batch["times"], output.get("scale")

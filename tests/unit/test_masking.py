@@ -31,7 +31,9 @@ def window_times(frames, seq_len: int, n: int = 4096) -> torch.Tensor:
 
 
 def strategy(seq_len: int, *overrides: str) -> MaskingStrategy:
-    cfg = load_config("test", [f"data.seq_len={seq_len}", *overrides])
+    """The per-timeframe span draw alone (sync and right-edge spans are tested on their own)."""
+    base = [f"data.seq_len={seq_len}", "masking.sync_tf=false", "masking.right_edge_ratio=0"]
+    cfg = load_config("test", [*base, *overrides])
     return MaskingStrategy(cfg.masking, cfg.data.timeframes, seq_len)
 
 

@@ -9,13 +9,21 @@ import torch
 
 from stage1 import load_config
 from stage1.data.features import FeatureEngineer
+from stage1.data.io import aggregate_bars
 from stage1.data.masking import MaskingStrategy
 from stage1.data.sampler import MultiTFWindowSampler
 from stage1.data.synthetic import generate_m1
-from stage1.data.io import aggregate_bars
+from stage1.data.timeframes import tf_ns
+from stage1.evaluation.agg import baseline_agg
 from stage1.evaluation.baselines import baseline_bridge
 from stage1.model import Stage1Model
-from stage1.model.prior import bridge_fill, last_visible_close, masked_median, visible_scale
+from stage1.model.prior import (
+    agg_fill,
+    bridge_fill,
+    last_visible_close,
+    masked_median,
+    visible_scale,
+)
 
 TIMEFRAMES = ["m1", "m5", "m15", "m30", "h1", "h4"]
 
@@ -50,7 +58,9 @@ def test_masked_median_matches_numpy_for_odd_and_even_counts() -> None:
     values = torch.tensor([[4.0, 1.0, 3.0, 2.0, 9.0], [5.0, 7.0, 1.0, 8.0, 0.0]])
     masks = torch.tensor([[False, False, False, False, True], [False, True, False, False, True]])
     expected = [np.median([4.0, 1.0, 3.0, 2.0]), np.median([5.0, 1.0, 8.0])]
-    torch.testing.assert_close(masked_median(values, masks), torch.tensor(expected, dtype=torch.float32))
+    torch.testing.assert_close(
+        masked_median(values, masks), torch.tensor(expected, dtype=torch.float32)
+    )
 
 
 def test_fill_scale_and_centre_read_visible_bars_only(windows) -> None:
@@ -77,3 +87,16 @@ def test_untrained_model_with_bridge_prior_reproduces_the_bridge(windows) -> Non
     fill = bridge_fill(raw, masks)
     hidden = masks.unsqueeze(-1).expand_as(fill)
     torch.testing.assert_close(out[hidden], fill[hidden], rtol=0, atol=2e-5)
+
+
+def test_torch_agg_equals_the_evaluation_agg(windows) -> None:
+    raw, masks, times = windows
+    expected, covered = baseline_agg(raw.numpy(), masks.numpy(), times.numpy(), TIMEFRAMES)
+    assert covered[:, 1:].any(), "the fixture has covered coarse bars"
+    durations = [tf_ns(tf) for tf in TIMEFRAMES]
+    got = agg_fill(raw, masks, times, durations).numpy()
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-7)
+    # ...and it reads visible bars only
+    tampered = raw.clone()
+    tampered[masks] = torch.randn(int(masks.sum()), 6, dtype=raw.dtype) * 5.0
+    np.testing.assert_array_equal(agg_fill(tampered, masks, times, durations).numpy(), got)

@@ -253,7 +253,8 @@ def reconstruct_split(
         masks = dataset.masking.generate(
             batch["times"].to(device), generator=generator, sync=sync, right_edge=0.0
         )
-        out = model(batch["features"].to(device), masks)["reconstructed"].float().cpu()
+        out = model(batch["features"].to(device), masks, batch["times"].to(device))
+        out = out["reconstructed"].float().cpu()
         pred = normalizer.denormalize(out).double()
         masks_np = masks.cpu().numpy()
         interp = accumulator.update(

@@ -2,10 +2,14 @@
 
 Around that core, two choices of ``config.model`` decide what the network sees and predicts:
 
-* ``prior: bridge`` fills hidden bars with the bar-aware bridge of their VISIBLE neighbours
-  (:mod:`stage1.model.prior`); the input shows the fill at hidden bars and the decoders predict a
-  correction on top of it (their heads start at zero, so an untrained model IS the bridge).
-  ``prior: none`` gives hidden bars a learned embedding and predicts them from scratch.
+* ``prior: agg`` fills hidden bars from VISIBLE bars only (:mod:`stage1.model.prior`): coarse
+  bars with visible finer bars inside them by aggregating those (the evaluation's ``agg``
+  baseline), every other hidden bar by the bar-aware bridge of its visible neighbours
+  (``prior: bridge`` uses the bridge everywhere). The input shows the fill at hidden bars and the
+  decoders predict a correction on top of it (their heads start at zero, so an untrained model
+  IS the naive rule). ``prior: none`` gives hidden bars a learned embedding and predicts them
+  from scratch. Without ``times`` (bar open times) ``agg`` cannot tell which finer bars lie
+  inside a coarse bar and falls back to the bridge.
 * ``window_scale: true`` expresses the price features of each window and timeframe relative to
   the newest visible base close, in units of that timeframe's mean visible bar range (RevIN-style,
   visible bars only), adds a hidden-flag channel and the log of that scale (relative to the
@@ -28,10 +32,11 @@ from stage1.errors import ConfigError
 from stage1.model.bottleneck import Bottleneck, compute_latent_len
 from stage1.model.decoder import TFDecoder
 from stage1.model.encoder import SharedEncoder
-from stage1.model.prior import bridge_fill, last_visible_close, visible_scale
+from stage1.data.timeframes import sort_timeframes, tf_ns
+from stage1.model.prior import agg_fill, bridge_fill, last_visible_close, visible_scale
 from stage1.model.stem import TFSpecificStem, apply_stems
 
-PRIORS = ("bridge", "none")
+PRIORS = ("agg", "bridge", "none")
 # Extra input channels with window_scale: hidden flag, log(scale / typical bar move).
 N_SCALE_CHANNELS = 2
 
@@ -67,6 +72,7 @@ class Stage1Model(nn.Module):
         if self.prior not in PRIORS:
             raise ConfigError(f"model.prior: {self.prior!r} is not one of {list(PRIORS)}")
         self.window_scale = bool(model_cfg.window_scale)
+        self.durations_ns = [tf_ns(tf) for tf in sort_timeframes(list(config.data.timeframes))]
         in_features = N_FEATURES + (N_SCALE_CHANNELS if self.window_scale else 0)
         self.register_buffer("norm_mean", torch.zeros(self.n_tf, N_FEATURES))
         self.register_buffer("norm_std", torch.ones(self.n_tf, N_FEATURES))
@@ -134,17 +140,26 @@ class Stage1Model(nn.Module):
             )
 
     def _prepare(
-        self, x: torch.Tensor, masks: torch.Tensor | None
+        self, x: torch.Tensor, masks: torch.Tensor | None, times: torch.Tensor | None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Model input ``[B, n_tf, L, C]`` and what the output side needs (fill, scale)."""
         self._check_input(x, masks)
+        if times is not None and times.shape != x.shape[:-1]:
+            raise ValueError(
+                f"Stage1Model input: times must be {tuple(x.shape[:-1])}, got {tuple(times.shape)}"
+            )
         if masks is None:
             masks = torch.zeros(x.shape[:-1], dtype=torch.bool, device=x.device)
         visible = mask_model_input(x, masks)
         mean = self.norm_mean[:, None, :].to(x.dtype)
         std = self.norm_std[:, None, :].to(x.dtype)
         raw = visible * std + mean
-        fill = bridge_fill(raw, masks) if self.prior == "bridge" else raw
+        if self.prior == "agg" and times is not None:
+            fill = agg_fill(raw, masks, times, self.durations_ns)
+        elif self.prior != "none":
+            fill = bridge_fill(raw, masks)
+        else:
+            fill = raw
         extra: dict[str, torch.Tensor] = {"fill": fill}
         hidden = masks.unsqueeze(-1)
         if self.window_scale:
@@ -173,17 +188,20 @@ class Stage1Model(nn.Module):
             )
         return inputs, extra
 
-    def encode(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
+    def encode(
+        self, x: torch.Tensor, masks: torch.Tensor | None = None, times: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The encoder half of :meth:`forward`: ``x [B, n_tf, L, 6]`` ->
         ``encoded [B, n_tf, latent_len, d_model]``. Inference calls this alone (no decoders)."""
-        inputs, _ = self._prepare(x, masks)
+        inputs, _ = self._prepare(x, masks, times)
         return self.bottleneck(self.encoder(apply_stems(self.stems, inputs)))
 
     def forward(
-        self, x: torch.Tensor, masks: torch.Tensor | None = None
+        self, x: torch.Tensor, masks: torch.Tensor | None = None, times: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
-        """x: ``[B, n_tf, L, 6]`` normalised features; masks: bool ``[B, n_tf, L]``, True = hidden."""
-        inputs, extra = self._prepare(x, masks)
+        """x: ``[B, n_tf, L, 6]`` normalised features; masks: bool ``[B, n_tf, L]``, True = hidden;
+        times: int64 ``[B, n_tf, L]`` bar open times (ns), for the ``agg`` prior."""
+        inputs, extra = self._prepare(x, masks, times)
         encoded = self.bottleneck(self.encoder(apply_stems(self.stems, inputs)))
         delta = torch.stack(
             [decoder(encoded[:, k]) for k, decoder in enumerate(self.decoders)], dim=1

@@ -80,8 +80,20 @@ def bridge_fill(raw: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     lower = masked_median(torch.minimum(open_in, close_in) - raw[..., LOW], masks)
     high = torch.where(masks, torch.maximum(open_, close) + upper[..., None], raw[..., HIGH])
     low = torch.where(masks, torch.minimum(open_, close) - lower[..., None], raw[..., LOW])
+    return derive_delta_and_body(torch.stack([open_, high, low, close], dim=-1), raw, masks)
+
+
+def derive_delta_and_body(
+    ohlc: torch.Tensor, raw: torch.Tensor, masks: torch.Tensor
+) -> torch.Tensor:
+    """Six features from guessed OHLC ``[..., L, 4]`` (truth at visible bars): ``delta_close`` and
+    ``body_ratio`` of hidden bars follow from the guess (``delta_close`` from the composite
+    close), visible bars keep ``raw``'s. Returns ``[..., L, 6]``."""
+    open_, high, low, close = ohlc.unbind(-1)
+    zero = torch.zeros((), dtype=raw.dtype, device=raw.device)
     delta = close - torch.cat([open_[..., :1], close[..., :-1]], dim=-1)
     delta = torch.where(masks, delta, raw[..., DELTA_CLOSE])
+
     # body_ratio = (C - O) / (H - L) in price space, from log differences only (no overflow):
     # (e^c - e^o) / (e^h - e^l) = expm1(c - o) * e^(o - l) / expm1(h - l)
     def bounded(d: torch.Tensor) -> torch.Tensor:
@@ -92,6 +104,59 @@ def bridge_fill(raw: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     body = torch.where(span > 0, ratio / torch.where(span > 0, span, 1.0), zero)
     body = torch.where(masks, body.clamp(-1.0, 1.0), raw[..., BODY_RATIO])
     return torch.stack([open_, high, low, close, delta, body], dim=-1)
+
+
+def agg_fill(
+    raw: torch.Tensor, masks: torch.Tensor, times: torch.Tensor, durations_ns: list[int]
+) -> torch.Tensor:
+    """The cross-timeframe baseline ``agg`` (``stage1.evaluation.agg.baseline_agg``, whose
+    docstring states the rule) in torch: hidden coarse bars rebuilt from the finer timeframes'
+    composite bars (truth where visible, their bridge where hidden) inside their period; the
+    bridge on the base timeframe, on uncovered bars and where the source starts late.
+
+    raw ``[B, n_tf, L, 6]``, masks ``[B, n_tf, L]``, times (bar open, int64 ns) ``[B, n_tf, L]``,
+    ``durations_ns`` per timeframe (finest first). Returns ``[B, n_tf, L, 6]``.
+    """
+    bridges = bridge_fill(raw, masks)
+    batch, n_tf, seq_len, n_feat = raw.shape
+    zero = torch.zeros(batch, n_tf, 1, dtype=torch.long, device=raw.device)
+    visible_before = torch.cat([zero, (~masks).long().cumsum(-1)], dim=-1)  # [B, n_tf, L + 1]
+    positions = torch.arange(seq_len, device=raw.device)
+    out = [bridges[:, 0]]
+    for k in range(1, n_tf):
+        start = times[:, k]  # [B, L] coarse opens
+        end = start + durations_ns[k]
+        finer_open = times[:, :k].contiguous()  # [B, k, L]
+        lo = torch.searchsorted(finer_open, start[:, None, :].expand(-1, k, -1).contiguous())
+        hi = torch.searchsorted(finer_open, end[:, None, :].expand(-1, k, -1).contiguous())
+        before = visible_before[:, :k]
+        has_visible = (before.gather(-1, hi) - before.gather(-1, lo)) > 0  # [B, k, L]
+        spans_start = has_visible & (finer_open[..., :1] <= start[:, None, :])
+        # first True along the finest-first timeframe axis (argmax returns the first maximum)
+        source = torch.where(
+            spans_start.any(1), spans_start.long().argmax(1), has_visible.long().argmax(1)
+        )  # [B, L]
+        covered = has_visible.any(1) & masks[:, k]
+        lo_s = lo.gather(1, source[:, None]).squeeze(1)
+        hi_s = hi.gather(1, source[:, None]).squeeze(1)
+        index = source[:, :, None, None].expand(-1, -1, seq_len, n_feat)
+        src = bridges[:, :k].gather(1, index)  # [B, L coarse, L fine, 6]
+        inside = (positions >= lo_s[..., None]) & (positions < hi_s[..., None])
+        first = lo_s.clamp(0, seq_len - 1)[..., None]
+        last = (hi_s - 1).clamp(min=0)[..., None]
+        agg_open = src[..., OPEN].gather(-1, first).squeeze(-1)
+        agg_close = src[..., CLOSE].gather(-1, last).squeeze(-1)
+        agg_high = torch.where(inside, src[..., HIGH], -torch.inf).amax(-1)
+        agg_low = torch.where(inside, src[..., LOW], torch.inf).amin(-1)
+        bridge = bridges[:, k]
+        partial = ~spans_start.gather(1, source[:, None]).squeeze(1)
+        agg_open = torch.where(partial, bridge[..., OPEN], agg_open)
+        agg_high = torch.where(partial, torch.maximum(agg_high, bridge[..., HIGH]), agg_high)
+        agg_low = torch.where(partial, torch.minimum(agg_low, bridge[..., LOW]), agg_low)
+        ohlc = torch.stack([agg_open, agg_high, agg_low, agg_close], dim=-1)
+        ohlc = torch.where(covered[..., None], ohlc, bridge[..., :4])
+        out.append(derive_delta_and_body(ohlc, raw[:, k], masks[:, k]))
+    return torch.stack(out, dim=1)
 
 
 def visible_scale(raw: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
