@@ -28,11 +28,11 @@ from torch import nn
 
 from stage1.data.features import BODY_RATIO, DELTA_CLOSE, N_FEATURES
 from stage1.data.masking import mask_model_input
+from stage1.data.timeframes import sort_timeframes, tf_ns
 from stage1.errors import ConfigError
 from stage1.model.bottleneck import Bottleneck, compute_latent_len
 from stage1.model.decoder import TFDecoder
 from stage1.model.encoder import SharedEncoder
-from stage1.data.timeframes import sort_timeframes, tf_ns
 from stage1.model.prior import agg_fill, bridge_fill, last_visible_close, visible_scale
 from stage1.model.stem import TFSpecificStem, apply_stems
 
