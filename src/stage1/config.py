@@ -124,6 +124,8 @@ class TrainingConfig:
     batch_size: int = 64
     max_epochs: int = 20
     max_steps: int = -1
+    # Wall-clock guard "DD:HH:MM:SS" (Lightning max_time): stops after the step that crosses it.
+    max_time: str | None = None
     precision: str = "32"
     accumulate_grad_batches: int = 1
     gradient_clip: float = 1.0

@@ -432,6 +432,7 @@ def build_trainer(
             precision=train_cfg.precision,
             max_epochs=train_cfg.max_epochs,
             max_steps=train_cfg.max_steps,
+            max_time=train_cfg.max_time,
             accumulate_grad_batches=train_cfg.accumulate_grad_batches,
             gradient_clip_val=train_cfg.gradient_clip or None,
             limit_train_batches=_batches_or_fraction(train_cfg.limit_train_batches),

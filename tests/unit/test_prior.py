@@ -94,9 +94,12 @@ def test_torch_agg_equals_the_evaluation_agg(windows) -> None:
     expected, covered = baseline_agg(raw.numpy(), masks.numpy(), times.numpy(), TIMEFRAMES)
     assert covered[:, 1:].any(), "the fixture has covered coarse bars"
     durations = [tf_ns(tf) for tf in TIMEFRAMES]
-    got = agg_fill(raw, masks, times, durations).numpy()
+    fill, source = agg_fill(raw, masks, times, durations)
+    got = fill.numpy()
+    own = torch.arange(len(TIMEFRAMES))[None, :, None].expand_as(masks)
+    assert torch.equal(source < own, torch.from_numpy(covered)), "covered bars name a finer source"
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-7)
     # ...and it reads visible bars only
     tampered = raw.clone()
     tampered[masks] = torch.randn(int(masks.sum()), 6, dtype=raw.dtype) * 5.0
-    np.testing.assert_array_equal(agg_fill(tampered, masks, times, durations).numpy(), got)
+    np.testing.assert_array_equal(agg_fill(tampered, masks, times, durations)[0].numpy(), got)

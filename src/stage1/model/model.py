@@ -47,8 +47,9 @@ class Stage1Model(nn.Module):
     ``forward(x [B, n_tf, L, 6], masks bool [B, n_tf, L] | None)`` ->
     ``{'reconstructed': [B, n_tf, L, 6], 'encoded': [B, n_tf, latent_len, d_model]}``.
     Sizes come from ``config.model`` and ``config.data.{timeframes, seq_len}``. With
-    ``window_scale`` the output also holds ``'scale'`` ``[B, n_tf]`` (raw log units), the
-    visible bar scale the loss measures errors in.
+    ``window_scale`` the output also holds ``'scale'`` ``[B, n_tf, L]`` (raw log units): per bar,
+    the visible bar scale of the timeframe its fill came from, the unit of its correction and of
+    its loss.
 
     ``norm_mean``/``norm_std`` (buffers ``[n_tf, 6]``, part of the state dict) are the
     normaliser's statistics, set with :meth:`set_normalizer`; the prior and the window scale work
@@ -154,8 +155,9 @@ class Stage1Model(nn.Module):
         mean = self.norm_mean[:, None, :].to(x.dtype)
         std = self.norm_std[:, None, :].to(x.dtype)
         raw = visible * std + mean
+        source = None  # timeframe each hidden bar's fill was built from (agg prior)
         if self.prior == "agg" and times is not None:
-            fill = agg_fill(raw, masks, times, self.durations_ns)
+            fill, source = agg_fill(raw, masks, times, self.durations_ns)
         elif self.prior != "none":
             fill = bridge_fill(raw, masks)
         else:
@@ -166,6 +168,12 @@ class Stage1Model(nn.Module):
             scale = visible_scale(raw, masks)  # [B, n_tf]
             centre = last_visible_close(raw, masks)[:, None, None, None]
             unit = scale[..., None, None]
+            # The correction of a bar is in units of the bars its fill was built from: a coarse
+            # bar aggregated from visible m15 bars errs on the m15 scale, not on its own.
+            bar_unit = scale[..., None].expand_as(masks)
+            if source is not None:
+                bar_unit = scale.gather(1, source.flatten(1)).view_as(masks)
+            extra["bar_unit"] = bar_unit
             inputs = torch.cat(
                 [
                     (fill[..., :DELTA_CLOSE] - centre) / unit,
@@ -210,7 +218,7 @@ class Stage1Model(nn.Module):
         mean = self.norm_mean[:, None, :].to(delta.dtype)
         std = self.norm_std[:, None, :].to(delta.dtype)
         if self.window_scale:
-            unit = extra["scale"][..., None, None]
+            unit = extra["bar_unit"][..., None]
             if self.prior == "none":
                 base = torch.cat(
                     [extra["centre"].expand_as(delta[..., :DELTA_CLOSE]),
@@ -225,7 +233,7 @@ class Stage1Model(nn.Module):
                 dim=-1,
             )  # fmt: skip
             out["reconstructed"] = (raw - mean) / std
-            out["scale"] = extra["scale"]
+            out["scale"] = extra["bar_unit"]
         elif self.prior == "none":
             out["reconstructed"] = delta
         else:

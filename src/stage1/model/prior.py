@@ -108,14 +108,16 @@ def derive_delta_and_body(
 
 def agg_fill(
     raw: torch.Tensor, masks: torch.Tensor, times: torch.Tensor, durations_ns: list[int]
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The cross-timeframe baseline ``agg`` (``stage1.evaluation.agg.baseline_agg``, whose
     docstring states the rule) in torch: hidden coarse bars rebuilt from the finer timeframes'
     composite bars (truth where visible, their bridge where hidden) inside their period; the
     bridge on the base timeframe, on uncovered bars and where the source starts late.
 
     raw ``[B, n_tf, L, 6]``, masks ``[B, n_tf, L]``, times (bar open, int64 ns) ``[B, n_tf, L]``,
-    ``durations_ns`` per timeframe (finest first). Returns ``[B, n_tf, L, 6]``.
+    ``durations_ns`` per timeframe (finest first). Returns ``(fill [B, n_tf, L, 6], source
+    [B, n_tf, L] int64)``: the timeframe whose bars each fill was built from (the finer source
+    of a covered bar, else the bar's own timeframe).
     """
     bridges = bridge_fill(raw, masks)
     batch, n_tf, seq_len, n_feat = raw.shape
@@ -123,6 +125,7 @@ def agg_fill(
     visible_before = torch.cat([zero, (~masks).long().cumsum(-1)], dim=-1)  # [B, n_tf, L + 1]
     positions = torch.arange(seq_len, device=raw.device)
     out = [bridges[:, 0]]
+    sources = [torch.zeros_like(masks[:, 0], dtype=torch.long)]
     for k in range(1, n_tf):
         start = times[:, k]  # [B, L] coarse opens
         end = start + durations_ns[k]
@@ -156,7 +159,8 @@ def agg_fill(
         ohlc = torch.stack([agg_open, agg_high, agg_low, agg_close], dim=-1)
         ohlc = torch.where(covered[..., None], ohlc, bridge[..., :4])
         out.append(derive_delta_and_body(ohlc, raw[:, k], masks[:, k]))
-    return torch.stack(out, dim=1)
+        sources.append(torch.where(covered, source, k))
+    return torch.stack(out, dim=1), torch.stack(sources, dim=1)
 
 
 def visible_scale(raw: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
