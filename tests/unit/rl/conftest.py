@@ -20,8 +20,6 @@ from stage1.model.model import Stage1Model
 
 # The synthetic fixture is about 3 weeks: the test config's 64 h embargo needs wide splits.
 SPLIT_OVERRIDES = ["data.train_frac=0.4", "data.val_frac=0.3"]
-# Embeddings computed in different batch compositions may differ by float rounding only.
-TOL = {"rtol": 1e-5, "atol": 1e-6}
 
 
 @pytest.fixture(scope="package")
@@ -61,3 +59,9 @@ def span(anchors: pd.DatetimeIndex) -> tuple[pd.Timestamp, pd.Timestamp]:
     gaps = np.flatnonzero(np.diff(anchors.asi8) > pd.Timedelta(days=1).value)
     weekend = int(gaps[gaps > len(anchors) // 2][0])
     return anchors[weekend - 299], anchors[weekend + 300]
+
+
+@pytest.fixture(scope="package")
+def tol() -> dict[str, float]:
+    """Embeddings computed in different batch compositions differ by float rounding only."""
+    return {"rtol": 1e-5, "atol": 1e-6}
