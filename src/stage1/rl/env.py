@@ -169,7 +169,7 @@ class FXTradingEnv(gym.Env[dict[str, npt.NDArray[np.float32]], int]):
     def _obs(self) -> dict[str, npt.NDArray[np.float32]]:
         obs = {"position": np.array([self.position], dtype=np.float32)}
         if self.market is not None:
-            obs["market"] = self.market[self.step_index]
+            obs["market"] = self.market[self.step_index].copy()  # the caller may keep it
         return obs
 
     def _info(self, cost: float = 0.0) -> dict[str, Any]:

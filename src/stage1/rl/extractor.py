@@ -6,8 +6,8 @@ defended against here:
 * ``ActorCriticPolicy`` (PPO, A2C) with ``ortho_init=True`` (the default) calls
   ``features_extractor.apply(init_weights)``, which re-initialises every ``nn.Linear`` it
   visits orthogonally, the encoder's included. ``apply`` is overridden so that it does not
-  descend into a frozen encoder; the encoder's weights stay the checkpoint's (tested bit for
-  bit before construction, after construction and after learning).
+  descend into the encoder (frozen or not); its weights stay the checkpoint's (tested bit
+  for bit before construction, after construction and after learning).
 * ``policy.set_training_mode(True)`` puts every module in train mode (dropout on). A frozen
   :class:`Stage1Encoder` keeps its model in eval mode whatever ``train()`` is called with.
 
@@ -83,12 +83,12 @@ class Stage1FeaturesExtractor(BaseFeaturesExtractor):
         self.window_key = window_key if isinstance(observation_space, spaces.Dict) else None
 
     def apply(self, fn: Callable[[nn.Module], None]) -> Stage1FeaturesExtractor:
-        """``nn.Module.apply`` that skips a frozen encoder (SB3's orthogonal init goes through
-        ``apply``; a frozen encoder must keep its pretrained weights)."""
+        """``nn.Module.apply`` that skips the encoder: SB3's orthogonal init goes through
+        ``apply``, and the encoder must start from its pretrained weights, frozen or not
+        (fine-tuning from a random re-initialisation would throw Stage 1 away)."""
         for child in self.children():
-            if child is self.encoder and self.encoder.frozen:
-                continue
-            child.apply(fn)
+            if child is not self.encoder:
+                child.apply(fn)
         fn(self)
         return self
 
