@@ -172,11 +172,14 @@ class Stage1InferenceEngine:
             frames[tf] = bars
         return frames
 
-    def build_sampler(self, multi_tf_data: Mapping[str, pd.DataFrame]) -> MultiTFWindowSampler:
+    def build_sampler(
+        self, multi_tf_data: Mapping[str, pd.DataFrame], validated: bool = False
+    ) -> MultiTFWindowSampler:
         """The training sampler over ``multi_tf_data`` (same ``seq_len`` and staleness rule; no
-        disk cache: live data changes with every call)."""
+        disk cache: live data changes with every call). ``validated``: the frames are already
+        in the bar layout and validated (``LiveEncoder`` validates each bar once, on arrival)."""
         return MultiTFWindowSampler(
-            self.bars(multi_tf_data),
+            multi_tf_data if validated else self.bars(multi_tf_data),
             self.seq_len,
             staleness_factor=float(self.config.data.staleness_factor),
             cache_dir=None,
@@ -372,7 +375,7 @@ class LiveEncoder:
         if any(len(self._bars.get(tf, ())) < self.engine.seq_len for tf in self.engine.timeframes):
             return None
         try:
-            sampler = self.engine.build_sampler(self._bars)
+            sampler = self.engine.build_sampler(self._bars, validated=True)
         except DataValidationError:
             return None  # inputs are validated, so this is "no valid window in the tail yet"
         anchor = pd.Timestamp(int(sampler.anchor_ns[-1]), tz="UTC")

@@ -49,16 +49,19 @@ class EmbeddingUnavailableError(Stage1Error):
 def times_to_ns(timestamps: Times, name: str = "timestamps") -> npt.NDArray[np.int64]:
     """Times as int64 UTC nanoseconds: datetimes (naive = UTC, any unit) or integers, which are
     taken as nanoseconds since the epoch."""
-    values = timestamps.to_numpy() if isinstance(timestamps, pd.Series) else timestamps
-    array = np.asarray(values)
-    if array.ndim != 1:
-        raise ConfigError(f"{name}: expected a 1-D sequence of times, got shape {array.shape}")
-    if np.issubdtype(array.dtype, np.integer):
-        return array.astype(np.int64)
-    try:
-        index = pd.DatetimeIndex(array)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{name}: not times ({exc})") from exc
+    values: Any = pd.Index(timestamps) if isinstance(timestamps, pd.Series) else timestamps
+    if isinstance(values, pd.DatetimeIndex):
+        index = values  # np.asarray of a tz-aware index would box every value: slow
+    else:
+        array = np.asarray(values)
+        if array.ndim != 1:
+            raise ConfigError(f"{name}: expected a 1-D sequence of times, got shape {array.shape}")
+        if np.issubdtype(array.dtype, np.integer):
+            return array.astype(np.int64)
+        try:
+            index = pd.DatetimeIndex(array)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{name}: not times ({exc})") from exc
     if index.hasnans:
         raise ConfigError(f"{name}: position {int(np.argmax(index.isna()))} is not a time (NaT)")
     index = index.tz_localize("UTC") if index.tz is None else index.tz_convert("UTC")
