@@ -124,23 +124,20 @@ class Stage1ObservationWrapper(gym.ObservationWrapper[Any, Any, Any]):
         self.live.update(self.bars_fn(self.env, ts))
         t_ns = int(pd.Timestamp(ts).as_unit("ns").value)
         latest = self.live.latest
-        anchors = np.array([] if latest is None else [latest[0].value], dtype=np.int64)
-        if (
-            latest is None
-            or asof_positions(anchors, np.array([t_ns]), self.max_staleness_ns)[0] < 0
-        ):
+        if latest is None:
             raise EmbeddingUnavailableError(
-                "no live embedding at "
-                + (
-                    f"{pd.Timestamp(ts)}: no valid window in the bars delivered so far"
-                    if latest is None
-                    else unavailable_reason(anchors, t_ns, self.max_staleness_ns)
-                )
+                f"no live embedding at {pd.Timestamp(ts)}: no valid window in the bars so far"
             )
-        if latest[0].value > t_ns:
+        anchor_ns = int(latest[0].as_unit("ns").value)
+        if anchor_ns > t_ns:
             raise EmbeddingUnavailableError(
                 f"bars_fn delivered bars closing after {pd.Timestamp(ts)} (anchor {latest[0]}): "
                 "it must return only bars closed by the asked time"
+            )
+        anchors = np.array([anchor_ns], dtype=np.int64)
+        if asof_positions(anchors, np.array([t_ns]), self.max_staleness_ns)[0] < 0:
+            raise EmbeddingUnavailableError(
+                "no live embedding at " + unavailable_reason(anchors, t_ns, self.max_staleness_ns)
             )
         return np.asarray(latest[1], dtype=np.float32)
 

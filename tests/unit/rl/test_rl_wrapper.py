@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 gym = pytest.importorskip("gymnasium", reason="the rl extra (gymnasium) is not installed")
@@ -108,6 +109,19 @@ def test_a_time_without_embedding_is_an_error_not_a_stale_value(
     np.testing.assert_array_equal(served[1]["stage1"], later.embeddings[0])
     with pytest.raises(EmbeddingUnavailableError, match="10 min old, more than max_staleness"):
         wrapped.step(1)
+
+
+def test_live_bars_from_the_future_are_refused(checkpoint: Path, frames, span) -> None:
+    env = _env(frames, span, stride=5)
+    encoder = Stage1Encoder.from_checkpoint(checkpoint, device="cpu")
+    peeking = Stage1ObservationWrapper(
+        env,
+        encoder=encoder,
+        key="stage1",
+        bars_fn=lambda e, t: e.unwrapped.bars_closed_by(t + pd.Timedelta(minutes=2), 40),
+    )
+    with pytest.raises(EmbeddingUnavailableError, match="bars_fn delivered bars closing after"):
+        peeking.reset()
 
 
 def test_bad_arguments_are_one_clear_error(checkpoint: Path, frames, span, store) -> None:
