@@ -68,6 +68,22 @@ def times_to_ns(timestamps: Times, name: str = "timestamps") -> npt.NDArray[np.i
     return np.asarray(index.as_unit("ns").asi8, dtype=np.int64)
 
 
+def staleness_ns(value: str | pd.Timedelta | None, default_ns: int | None) -> int | None:
+    """``max_staleness`` as int64 ns: ``'default'`` → ``default_ns``; None → no limit; else a
+    ``pd.Timedelta``-like value (``'10min'``) >= 0."""
+    if isinstance(value, str) and value == "default":
+        return default_ns
+    if value is None:
+        return None
+    try:
+        delta = pd.Timedelta(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"max_staleness: {value!r} is not a duration (e.g. '10min')") from exc
+    if pd.isna(delta) or delta < pd.Timedelta(0):
+        raise ConfigError(f"max_staleness: must be a duration >= 0, got {value!r}")
+    return int(delta.as_unit("ns").value)
+
+
 def _fmt(ns: int) -> str:
     return str(pd.Timestamp(int(ns), tz="UTC"))
 
@@ -135,19 +151,11 @@ class EmbeddingStore:
             )
         self.metadata = dict(metadata)
         self.metadata["dim"] = int(self.embeddings.shape[1])
-        if isinstance(max_staleness, str) and max_staleness == "default":
-            stored = self.metadata.get("max_staleness_ns", "default")
-            if stored == "default":
-                base_tf = str(self.metadata.get("timeframes", ["m1"])[0])
-                stored = DEFAULT_STALENESS_BARS * tf_ns(base_tf)
-            self.max_staleness_ns: int | None = None if stored is None else int(stored)
-        elif max_staleness is None:
-            self.max_staleness_ns = None
-        else:
-            delta = pd.Timedelta(max_staleness)
-            if delta < pd.Timedelta(0):
-                raise ConfigError(f"max_staleness: must be >= 0, got {max_staleness}")
-            self.max_staleness_ns = int(delta.as_unit("ns").value)
+        stored = self.metadata.get("max_staleness_ns", "default")
+        if stored == "default":
+            base_tf = str(self.metadata.get("timeframes", ["m1"])[0])
+            stored = DEFAULT_STALENESS_BARS * tf_ns(base_tf)
+        self.max_staleness_ns = staleness_ns(max_staleness, stored)
         self.metadata["max_staleness_ns"] = self.max_staleness_ns
 
     # ------------------------------------------------------------------------ build / io

@@ -29,6 +29,7 @@ from stage1.rl.store import (
     EmbeddingStore,
     EmbeddingUnavailableError,
     asof_positions,
+    staleness_ns,
     unavailable_reason,
 )
 
@@ -86,12 +87,7 @@ class Stage1ObservationWrapper(gym.ObservationWrapper[Any, Any, Any]):
             assert store is not None
             self.dim = store.dim
             default_ns = store.max_staleness_ns
-        if isinstance(max_staleness, str) and max_staleness == "default":
-            self.max_staleness_ns = default_ns
-        elif max_staleness is None:
-            self.max_staleness_ns = None
-        else:
-            self.max_staleness_ns = int(pd.Timedelta(max_staleness).as_unit("ns").value)
+        self.max_staleness_ns = staleness_ns(max_staleness, default_ns)
         embedding_space = spaces.Box(-np.inf, np.inf, (self.dim,), np.float32)
         inner = env.observation_space
         self.observation_space: spaces.Space[Any]

@@ -142,6 +142,8 @@ def test_bad_inputs_are_clear_errors(store: EmbeddingStore, tmp_path: Path) -> N
         EmbeddingStore.load(tmp_path / "missing.parquet")
     with pytest.raises(ConfigError, match=r"row 1 .* strictly increasing"):
         EmbeddingStore(store.anchor_ns[[1, 0]], store.embeddings[:2], store.metadata)
+    with pytest.raises(ConfigError, match="max_staleness: 'soon' is not a duration"):
+        EmbeddingStore(store.anchor_ns, store.embeddings, store.metadata, max_staleness="soon")
     with pytest.raises(ConfigError, match="ts: 'soon' is not a time"):
         store.asof("soon")
     with pytest.raises(ConfigError, match="position 1 is not a time"):
