@@ -122,7 +122,7 @@ def _add_encode(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--start", default=None, help="first anchor time (UTC), e.g. 2019-06-01")
     p.add_argument("--end", default=None, help="last anchor time (UTC)")
     p.add_argument(
-        "--pool", default=None, choices=["mean", "flatten"], help="one vector per anchor"
+        "--pool", default=None, choices=["mean", "last", "flatten"], help="one vector per anchor"
     )
     p.add_argument(
         "--batch_size", type=int, default=None, help="windows per model call (128 CPU, 4096 GPU)"

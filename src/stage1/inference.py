@@ -10,6 +10,7 @@ window, i.e. the moment it becomes available to a live agent. Shapes:
 
 * unpooled: ``[n_tf, latent_len, d_model]`` per anchor;
 * ``pool='mean'``: mean over the latent steps, timeframes concatenated: ``[n_tf * d_model]``;
+* ``pool='last'``: the newest latent step of each timeframe, concatenated: ``[n_tf * d_model]``;
 * ``pool='flatten'``: every value, C order of ``[n_tf, latent_len, d_model]``:
   ``[n_tf * latent_len * d_model]``.
 
@@ -47,7 +48,7 @@ from stage1.data.timeframes import sort_timeframes
 from stage1.errors import CheckpointError, ConfigError, DataValidationError
 from stage1.utils import atomic_path
 
-POOLS = (None, "mean", "flatten")
+POOLS = (None, "mean", "last", "flatten")
 # Windows per model call when batch_size is None. On a CPU small batches keep the activations in
 # cache (bench_encode.py: 128 runs ~1.5x faster than 1024); a GPU wants big ones.
 DEFAULT_BATCH_SIZE = {"cpu": 128, "cuda": 4096}
@@ -61,15 +62,17 @@ Embeddings = npt.NDArray[np.float32]
 
 def pool_embeddings(encoded: torch.Tensor, pool: str | None) -> torch.Tensor:
     """``encoded [B, n_tf, latent_len, d_model]`` → unchanged (``None``), ``[B, n_tf * d_model]``
-    (``'mean'`` over latent steps, timeframes concatenated) or ``[B, n_tf * latent_len *
-    d_model]`` (``'flatten'``)."""
+    (``'mean'`` over latent steps or ``'last'``, the newest latent step; timeframes
+    concatenated) or ``[B, n_tf * latent_len * d_model]`` (``'flatten'``)."""
     if pool is None:
         return encoded
     if pool == "mean":
         return encoded.mean(dim=2).flatten(1)
+    if pool == "last":
+        return encoded[:, :, -1].flatten(1)
     if pool == "flatten":
         return encoded.flatten(1)
-    raise ConfigError(f"pool: {pool!r} is not one of None, 'mean', 'flatten'")
+    raise ConfigError(f"pool: {pool!r} is not one of {POOLS}")
 
 
 def to_utc_ns(value: TimeLike, name: str) -> int | None:
@@ -146,10 +149,11 @@ class Stage1InferenceEngine:
         shapes = {
             None: (n_tf, self.latent_len, self.d_model),
             "mean": (n_tf * self.d_model,),
+            "last": (n_tf * self.d_model,),
             "flatten": (n_tf * self.latent_len * self.d_model,),
         }
         if pool not in shapes:
-            raise ConfigError(f"pool: {pool!r} is not one of None, 'mean', 'flatten'")
+            raise ConfigError(f"pool: {pool!r} is not one of {POOLS}")
         return shapes[pool]
 
     def bars(self, multi_tf_data: Mapping[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
@@ -168,11 +172,14 @@ class Stage1InferenceEngine:
             frames[tf] = bars
         return frames
 
-    def build_sampler(self, multi_tf_data: Mapping[str, pd.DataFrame]) -> MultiTFWindowSampler:
+    def build_sampler(
+        self, multi_tf_data: Mapping[str, pd.DataFrame], validated: bool = False
+    ) -> MultiTFWindowSampler:
         """The training sampler over ``multi_tf_data`` (same ``seq_len`` and staleness rule; no
-        disk cache: live data changes with every call)."""
+        disk cache: live data changes with every call). ``validated``: the frames are already
+        in the bar layout and validated (``LiveEncoder`` validates each bar once, on arrival)."""
         return MultiTFWindowSampler(
-            self.bars(multi_tf_data),
+            multi_tf_data if validated else self.bars(multi_tf_data),
             self.seq_len,
             staleness_factor=float(self.config.data.staleness_factor),
             cache_dir=None,
@@ -196,6 +203,13 @@ class Stage1InferenceEngine:
             )
         return np.arange(first, stop, dtype=np.int64)
 
+    def window_features(self, ohlc: npt.NDArray[np.float64] | torch.Tensor) -> torch.Tensor:
+        """Model input of raw windows: ``ohlc [B, n_tf, seq_len, 4]`` float64 prices →
+        normalised features float32 ``[B, n_tf, seq_len, 6]`` on CPU (``process_batch`` then
+        the checkpoint's ``normalize``, as in training)."""
+        features, _ = self.feature_engineer.process_batch(ohlc)
+        return self.normalizer.normalize(features)
+
     def embed_windows(
         self,
         sampler: MultiTFWindowSampler,
@@ -206,8 +220,7 @@ class Stage1InferenceEngine:
         d_model]`` or pooled ``[B, D]``. Features exactly as ``Stage1Dataset.get_batch`` builds
         them (gather → process_batch → normalize, on CPU), then ``model.encode(features)``."""
         ohlc, _ = sampler.gather(window_ids)
-        features, _ = self.feature_engineer.process_batch(ohlc)
-        features = self.normalizer.normalize(features)
+        features = self.window_features(ohlc)
         with torch.inference_mode():
             encoded = self.model.encode(features.to(self.device))
             embeddings = pool_embeddings(encoded, pool).float().cpu()
@@ -362,7 +375,7 @@ class LiveEncoder:
         if any(len(self._bars.get(tf, ())) < self.engine.seq_len for tf in self.engine.timeframes):
             return None
         try:
-            sampler = self.engine.build_sampler(self._bars)
+            sampler = self.engine.build_sampler(self._bars, validated=True)
         except DataValidationError:
             return None  # inputs are validated, so this is "no valid window in the tail yet"
         anchor = pd.Timestamp(int(sampler.anchor_ns[-1]), tz="UTC")

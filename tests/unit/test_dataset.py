@@ -6,6 +6,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -16,6 +17,7 @@ from stage1.data.dataset import (
     WindowBatchSampler,
     embargo_ns,
 )
+from stage1.data.normalization import TFNormalizer
 from stage1.data.synthetic import write_synthetic_dataset
 from stage1.data.timeframes import NS_PER_MINUTE, tf_ns
 from stage1.errors import ConfigError, DataValidationError
@@ -87,6 +89,18 @@ def test_features_are_normalised_with_train_stats(datamodule) -> None:
     assert ((z.std(dim=(0, 2)) - 1).abs() < 0.1).all()
     raw = train.engineer.process_batch(train.sampler.gather(batch["window_ids"].numpy())[0])[0]
     torch.testing.assert_close(train.normalizer.denormalize(z), raw, rtol=1e-4, atol=1e-7)
+
+
+def test_normalizer_records_the_train_period_and_keeps_it_through_a_dict(datamodule) -> None:
+    sampler, train_ids = datamodule.sampler, datamodule.splits["train"]
+    period = datamodule.normalizer.train_period
+    assert period is not None
+    assert pd.Timestamp(period[0]).value == sampler.first_open_ns(train_ids).min()
+    assert pd.Timestamp(period[1]).value == sampler.anchor_ns[train_ids[-1]]
+    # The period ends before any val window starts (it is the in-sample period).
+    assert pd.Timestamp(period[1]).value < sampler.anchor_ns[datamodule.splits["val"][0]]
+    restored = TFNormalizer.from_dict(datamodule.normalizer.to_dict())
+    assert restored.train_period == period
 
 
 def test_datamodule_shares_one_sampler_and_normalizer(datamodule) -> None:

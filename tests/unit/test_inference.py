@@ -285,8 +285,11 @@ def test_pooling_shapes_and_values(
     _, full = engine.encode(frames, **window)
     _, mean = engine.encode(frames, pool="mean", **window)
     _, flat = engine.encode(frames, pool="flatten", **window)
+    _, last = engine.encode(frames, pool="last", **window)
     assert mean.shape == (10, 6 * 64) and flat.shape == (10, 6 * 4 * 64)
+    assert last.shape == (10, *engine.embedding_shape("last")) == (10, 6 * 64)
     np.testing.assert_allclose(mean[:, 64:128], full[:, 1].mean(axis=1), **TOL)
+    np.testing.assert_allclose(last[:, 64:128], full[:, 1, -1], **TOL)
     assert np.array_equal(flat, full.reshape(10, -1))
     assert pool_embeddings(torch.from_numpy(full), None).shape == full.shape
 

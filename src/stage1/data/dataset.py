@@ -17,6 +17,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import numpy.typing as npt
+import pandas as pd
 import pyarrow
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -80,7 +81,16 @@ def fit_normalizer(
         engineer.process_batch(sampler.gather(ids[i : i + FIT_CHUNK_WINDOWS])[0])[0]
         for i in range(0, len(ids), FIT_CHUNK_WINDOWS)
     )
-    return TFNormalizer(sampler.timeframes).fit(chunks)
+    normalizer = TFNormalizer(sampler.timeframes).fit(chunks)
+    # The whole train split's period (not only the fitted subset): what "out of sample" means.
+    all_ids = np.asarray(train_ids)
+    oldest = int(sampler.first_open_ns(all_ids).min())
+    newest = int(sampler.anchor_ns[all_ids].max())
+    normalizer.train_period = (
+        pd.Timestamp(oldest, tz="UTC").isoformat(),
+        pd.Timestamp(newest, tz="UTC").isoformat(),
+    )
+    return normalizer
 
 
 class Stage1Dataset(Dataset[Batch]):

@@ -33,6 +33,9 @@ class TFNormalizer:
         self.std = torch.ones(shape, dtype=torch.float32)
         self.fitted = False
         self.config_hash: str | None = None
+        # (oldest bar open, newest anchor) of the train split, ISO UTC: the period an embedding
+        # store or an RL evaluation must stay out of to be out-of-sample. None if not recorded.
+        self.train_period: tuple[str, str] | None = None
 
     def fit(self, features: torch.Tensor | Iterable[torch.Tensor]) -> TFNormalizer:
         """Fit on ``[N, n_tf, seq_len, n_features]`` features, or an iterable of such chunks.
@@ -96,6 +99,7 @@ class TFNormalizer:
             "feature_names": list(self.feature_names),
             "mean": self.mean.tolist(),
             "std": self.std.tolist(),
+            "train_period": None if self.train_period is None else list(self.train_period),
         }
 
     @classmethod
@@ -111,6 +115,9 @@ class TFNormalizer:
             )
         normalizer.mean, normalizer.std = mean, std
         normalizer.fitted = True
+        period = values.get("train_period")  # absent in checkpoints written before it existed
+        if period is not None:
+            normalizer.train_period = (str(period[0]), str(period[1]))
         return normalizer
 
     def save_stats(self, path: str | Path, config_hash: str) -> None:
