@@ -49,23 +49,61 @@ class Variant:
     seed: int | None = None
 
 
-# The ablation: each row changes one thing against `cpu` (configs/cpu.yaml).
+# Screening budget for the ablation rows: 300 steps (3 x 100) of configs/cpu.yaml, ~5 minutes.
+SCREEN = [
+    "training.max_epochs=3",
+    "training.limit_train_batches=100",
+    "training.limit_val_batches=10",
+]
+OLD_LOSS = [
+    "loss.weights.huber=0.6",
+    "loss.weights.stft=0.2",
+    "loss.weights.cross_tf=0.15",
+    "loss.weights.amp_phase=0.05",
+    "loss.huber_delta=1.0",
+]
+
+# The final config at its full budget, then one change at a time against `screen_cpu`.
 VARIANTS: dict[str, Variant] = {
-    "cpu": Variant("cpu", note="configs/cpu.yaml as shipped"),
-    "cpu_seed2": Variant("cpu", seed=7, note="second seed"),
-    "cpu_holdout2019": Variant("cpu", holdout=2019, note="trained on 2017-18, evaluated on 2019"),
-    "cpu_no_prior": Variant("cpu", ["model.prior=none"], "no bridge prior (predict from scratch)"),
-    "cpu_no_scale": Variant(
-        "cpu", ["model.window_scale=false"], "z-scored inputs, no window scale"
+    "cpu": Variant("cpu", note="configs/cpu.yaml as shipped (full budget)"),
+    "cpu_seed2": Variant("cpu", seed=7, note="the same, second seed"),
+    "cpu_holdout2019": Variant(
+        "cpu", holdout=2019, note="trained on 2017-18, evaluated on all of 2019"
     ),
-    "cpu_old_model": Variant(
-        "cpu", ["model.prior=none", "model.window_scale=false"], "neither (the previous model)"
-    ),
-    "cpu_unsync": Variant("cpu", ["masking.sync_tf=false"], "unsynchronised training masks"),
-    "cpu_all_losses": Variant(
+    "screen_cpu": Variant("cpu", SCREEN, "cpu.yaml at the screening budget (300 steps)"),
+    "screen_huber_delta1": Variant(
         "cpu",
-        ["loss.weights.stft=0.2", "loss.weights.cross_tf=0.15", "loss.weights.amp_phase=0.05"],
-        "guide's STFT / cross-TF / amp-phase terms on (composite)",
+        [*SCREEN, "loss.huber_delta=1.0"],
+        "quadratic Huber (delta 1 bar scale) instead of L1-like",
+    ),
+    "screen_all_losses": Variant(
+        "cpu",
+        [*SCREEN, *OLD_LOSS[:4]],
+        "+ the guide's STFT / cross-TF / amp-phase terms (on the composite)",
+    ),
+    "screen_prior_bridge": Variant(
+        "cpu", [*SCREEN, "model.prior=bridge"], "bridge prior everywhere (no agg for coarse bars)"
+    ),
+    "screen_prior_none": Variant(
+        "cpu", [*SCREEN, "model.prior=none"], "no prior: hidden bars predicted from scratch"
+    ),
+    "screen_no_scale": Variant(
+        "cpu", [*SCREEN, "model.window_scale=false"], "z-scored inputs/outputs, no window scale"
+    ),
+    "screen_unsync": Variant(
+        "cpu", [*SCREEN, "masking.sync_tf=false"], "unsynchronised training masks"
+    ),
+    "screen_old_model": Variant(
+        "cpu",
+        [
+            *SCREEN,
+            "model.prior=none",
+            "model.window_scale=false",
+            "masking.sync_tf=false",
+            "masking.right_edge_ratio=0",
+            *OLD_LOSS,
+        ],
+        "the previous model and loss (no prior, no scale, unsync, guide weights)",
     ),
     "demo": Variant("demo", note="configs/demo.yaml (the demo's budget)"),
 }
