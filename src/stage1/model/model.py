@@ -215,8 +215,11 @@ class Stage1Model(nn.Module):
             [decoder(encoded[:, k]) for k, decoder in enumerate(self.decoders)], dim=1
         )
         out = {"encoded": encoded}
-        mean = self.norm_mean[:, None, :].to(delta.dtype)
-        std = self.norm_std[:, None, :].to(delta.dtype)
+        # Prior + correction in the input's precision (fp32) even when the network ran in
+        # bf16/fp16 under autocast: a pip is ~1e-6 of the price, below half precision's step.
+        delta = delta.to(x.dtype)
+        mean = self.norm_mean[:, None, :].to(x.dtype)
+        std = self.norm_std[:, None, :].to(x.dtype)
         if self.window_scale:
             unit = extra["bar_unit"][..., None]
             if self.prior == "none":
