@@ -2,7 +2,7 @@
 
 Runs the whole path on a prepared synthetic data directory with ``configs/test.yaml``:
 Stage1Dataset samples, their mask ratios, Stage1DataModule batches, and a test loader that visits
-every test window exactly once. Also runnable directly: ``cd tests && python3 test_stage1_data.py``.
+every test window exactly once. Also runnable directly: ``cd tests && python3 test_stage1_data.py [pytest flags]``.
 """
 
 from __future__ import annotations
@@ -81,4 +81,4 @@ def test_test_loader_visits_every_test_window_once(data_dir: Path, config) -> No
 
 
 if __name__ == "__main__":
-    sys.exit(pytest.main([__file__, "-q"]))
+    sys.exit(pytest.main([__file__, "-q", *sys.argv[1:]]))
