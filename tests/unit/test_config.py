@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -251,3 +252,45 @@ def test_configs_are_package_data() -> None:
     import stage1
 
     assert Path(stage1.__file__).parent / "configs" == CONFIG_DIR
+
+
+def _entry_points() -> dict[str, Any]:
+    """Every public constructor or function that takes a config, called with ``config``."""
+    from stage1.checkpoint import export_checkpoint
+    from stage1.data.dataset import Stage1DataModule, Stage1Dataset, build_sampler
+    from stage1.data.features import FeatureEngineer
+    from stage1.data.masking import MaskingStrategy
+    from stage1.losses import Stage1CombinedLoss
+    from stage1.model.model import Stage1Model
+    from stage1.training import Stage1LightningModule, build_trainer
+
+    return {
+        "FeatureEngineer": FeatureEngineer,
+        "Stage1Model": Stage1Model,
+        "Stage1CombinedLoss": Stage1CombinedLoss,
+        "MaskingStrategy": lambda c: MaskingStrategy(c.get("masking", {}), ["m1", "m5"], 16),
+        "Stage1Dataset": lambda c: Stage1Dataset("no/such/dir", c, split="train"),
+        "Stage1DataModule": lambda c: Stage1DataModule("no/such/dir", c),
+        "build_sampler": lambda c: build_sampler("no/such/dir", c),
+        "Stage1LightningModule": lambda c: Stage1LightningModule(c, {}),
+        "build_trainer": lambda c: build_trainer(c, "no/such/dir"),
+        "export_checkpoint": lambda c: export_checkpoint("no/such/x.pth", {}, c, {}, 0, None),
+    }
+
+
+@pytest.mark.parametrize("entry", sorted(_entry_points()))
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ({"masking": {"mask_ratioo": 0.2}}, "masking.mask_ratioo: Key 'mask_ratioo' not in"),
+        ({"masking": {"span_min_bars": "many"}}, "masking.span_min_bars: Value 'many' of type"),
+    ],
+)
+def test_every_entry_point_checks_a_plain_dict_like_load_config(
+    entry: str, bad: dict, message: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    expected = _error_text(lambda: load_config(path))
+    assert expected.startswith(message)
+    assert _error_text(lambda: _entry_points()[entry](bad)) == expected
