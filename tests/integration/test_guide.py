@@ -220,7 +220,7 @@ def test_evaluation_with_the_guides_flags(trained_run: Path, data_dir: Path) -> 
     _run_script(
         "evaluate_stage1.py",
         *("--config", "configs/test.yaml", "--ckpt", str(ckpt), "--data_dir", str(data_dir)),
-        *("--report_dir", str(report_dir)),
+        *("--report_dir", str(report_dir), "evaluation.probe_max_train_windows=500"),
     )
     metrics = json.loads((report_dir / "metrics.json").read_text())
     assert metrics["split"] == "test" and metrics["n_windows"] > 0
