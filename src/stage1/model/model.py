@@ -112,6 +112,7 @@ class Stage1Model(nn.Module):
         if self.prior != "none":
             # An untrained model reproduces the prior exactly; training learns the correction.
             for decoder in self.decoders:
+                assert isinstance(decoder, TFDecoder)  # ModuleList items are typed Module
                 nn.init.zeros_(decoder.head.weight)
                 nn.init.zeros_(decoder.head.bias)
 
