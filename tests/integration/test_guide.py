@@ -123,10 +123,20 @@ def test_mask_check(config: dict, data_dir: Path) -> None:
     print(f"Actual mask ratios: {ratios}")
     print(f"Expected: {config['masking']['mask_ratio']}")
     assert masks.shape == (6, 10) and masks.dtype == torch.bool
-    # 0.15 * 10 bars: each window hides 1 or 2 bars per timeframe, 1.5 on average.
-    assert set(masks.sum(dim=-1).tolist()) <= {1, 2}, ratios
-    many = torch.stack([dataset[i]["masks"] for i in range(0, len(dataset), 10)]).float()
-    assert abs(float(many.mean()) - config["masking"]["mask_ratio"]) < 0.01
+    # 0.15 * 10 bars: each window hides 1 or 2 base bars, 1.5 on average. With the default
+    # masking.sync_tf, coarser timeframes also hide the bars that overlap hidden finer ones.
+    assert masks[0].sum().item() in {1, 2}, ratios
+    step = max(1, len(dataset) // 1000)
+    many = torch.stack([dataset[i]["masks"] for i in range(0, len(dataset), step)]).float()
+    per_tf = many.mean(dim=(0, 2))
+    target = config["masking"]["mask_ratio"]
+    assert abs(float(per_tf[0]) - target) < 0.01, per_tf
+    assert (per_tf[1:] >= target - 0.01).all(), per_tf
+    # Without synchronisation every timeframe hides the configured ratio.
+    config["masking"]["sync_tf"] = False
+    unsynced = Stage1Dataset(data_dir, config, split="val")
+    per_tf = torch.stack([unsynced[i]["masks"] for i in range(0, len(unsynced), step)]).float()
+    assert ((per_tf.mean(dim=(0, 2)) - target).abs() < 0.015).all(), per_tf.mean(dim=(0, 2))
 
     # The guide's masks[0] is one timeframe's 1-D row; imshow needs 2-D, so keep the row dim.
     plt.imshow(masks[0:1].numpy(), aspect="auto")  # TF=0のマスク
@@ -170,8 +180,7 @@ def test_model_debugging_forward_gradients_and_parameters(config: dict) -> None:
     no_grad = [name for name, param in model.named_parameters() if param.grad is None]
     for name in no_grad:
         print(f"No gradient: {name}")
-    # Only the embedding that replaces hidden bars goes unused without masks.
-    assert no_grad == ["mask_embedding"]
+    assert no_grad == []  # the guide's loop prints nothing: every parameter gets a gradient
 
     # 3. パラメータ数確認
     total_params = sum(p.numel() for p in model.parameters())
