@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from omegaconf import DictConfig
 
-from stage1.config import config_from_dict, config_to_dict
+from stage1.config import ConfigLike, as_config, config_to_dict
 from stage1.errors import CheckpointError, Stage1Error
 from stage1.utils import atomic_path
 
@@ -62,7 +62,7 @@ def package_versions() -> dict[str, str]:
 def export_checkpoint(
     path: str | Path,
     model_state_dict: Mapping[str, torch.Tensor],
-    config: DictConfig | Mapping[str, Any],
+    config: ConfigLike,
     normalizer_stats: Mapping[str, Any],
     epoch: int,
     best_loss: float | None,
@@ -72,7 +72,7 @@ def export_checkpoint(
     Tensors are detached CPU copies so the file loads on a machine without the training device.
     """
     path = Path(path)
-    config_dict = config_to_dict(config) if isinstance(config, DictConfig) else dict(config)
+    config_dict = config_to_dict(config)
     payload = {
         "format": EXPORT_FORMAT,
         "model_state_dict": {
@@ -184,7 +184,7 @@ def load_checkpoint(
     path = Path(path)
     state_dict, config_dict, normalizer, meta = read_checkpoint(path, map_location)
     try:
-        config = config_from_dict(config_dict)
+        config = as_config(config_dict)
         model = Stage1Model(config)
     except Stage1Error as exc:
         raise CheckpointError(f"{path}: stored config is invalid ({exc})") from exc

@@ -23,6 +23,7 @@ COMMANDS = {
     "evaluate": ("stage1.evaluation", "run_evaluate"),
     "encode": ("stage1.inference", "run_encode"),
     "demo": ("stage1.demo", "run_demo"),
+    "check": ("stage1.check", "run_check"),
 }
 
 
@@ -147,6 +148,18 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
 
 
+def _add_check(sub: argparse._SubParsersAction) -> None:
+    sub.add_parser(
+        "check",
+        help="seconds-long smoke check of every component on synthetic data",
+        description=(
+            "Run every component once on a small synthetic data set with the test config "
+            "(data, sampler, features, dataset, masking, model + loss, checkpoint, inference) "
+            "and check each result; the guide's 'python3 test_components.py'."
+        ),
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="stage1",
@@ -158,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="command", required=True)
-    for add in (_add_prepare, _add_train, _add_evaluate, _add_encode, _add_demo):
+    for add in (_add_prepare, _add_train, _add_evaluate, _add_encode, _add_demo, _add_check):
         add(sub)
     return parser
 

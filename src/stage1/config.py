@@ -3,6 +3,12 @@
 ``load_config("configs/test.yaml", overrides=["training.batch_size=8"])`` returns an OmegaConf
 ``DictConfig`` backed by :class:`Stage1Config`, so unknown keys and wrong types are rejected by
 OmegaConf itself; we only translate its errors into one :class:`ConfigError` naming the key path.
+The shipped configs are package data (``stage1/configs/*.yaml``), found by bare name (``test``)
+or by the guide's path (``configs/test.yaml``) from any directory; a user's own file wins.
+
+Every public class and function that takes a config calls :func:`as_config`, so a plain
+mapping (``yaml.safe_load`` output, a checkpoint's ``'config'``) goes through the same schema,
+the same checks and the same error text as a loaded YAML file.
 """
 
 from __future__ import annotations
@@ -10,20 +16,23 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from stage1.errors import ConfigError
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 PRECISIONS = {"32": "32-true", "32-true": "32-true", "16": "16-mixed", "16-mixed": "16-mixed"}
 PRECISIONS |= {"bf16": "bf16-mixed", "bf16-mixed": "bf16-mixed"}
 _TF_PATTERN = re.compile(r"^(m\d+|h\d+|d)$")
+# What public entry points accept as a config: a loaded DictConfig or a plain mapping.
+ConfigLike: TypeAlias = DictConfig | Mapping[str, Any]
 
 
 @dataclass
@@ -175,11 +184,62 @@ class Stage1Config:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
 
-def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
-    """Read one YAML file and deep-merge it over its ``defaults`` (resolved beside it)."""
+@contextmanager
+def _config_errors() -> Iterator[None]:
+    """Turn OmegaConf's errors (unknown key, wrong type) into one ConfigError naming the key."""
+    try:
+        yield
+    except OmegaConfBaseException as exc:
+        full_key = getattr(exc, "full_key", None)
+        raise ConfigError(f"{full_key or '?'}: {str(exc).splitlines()[0]}") from exc
+
+
+def shipped_configs() -> list[str]:
+    """Names of the configs shipped with the package (``base``, ``test``, ``demo``, ...)."""
+    return sorted(path.stem for path in CONFIG_DIR.glob("*.yaml"))
+
+
+def _shipped_path(name: str) -> Path:
+    return CONFIG_DIR / (name if name.endswith(".yaml") else f"{name}.yaml")
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A user's existing file wins; otherwise a bare name (``test``, ``test.yaml``) or the
+    guide's relative path (``configs/test.yaml``) names a shipped config, from any directory."""
+    candidate = Path(path)
+    if candidate.is_file():
+        return candidate
+    if candidate.parent in (Path("."), Path("configs")):
+        shipped = _shipped_path(candidate.name)
+        if shipped.is_file():
+            return shipped
+    raise ConfigError(
+        f"{path}: config file not found (shipped configs: {', '.join(shipped_configs())})"
+    )
+
+
+def _with_defaults(node: DictConfig, source: str, here: Path | None, seen: tuple[str, ...]) -> Any:
+    """Deep-merge ``node`` over the configs its ``defaults`` list names. A parent is looked up
+    beside the file that names it (``here``), then among the shipped configs."""
+    parents = node.pop("defaults", [])
+    if isinstance(parents, str):
+        parents = [parents]
+    if not isinstance(parents, ListConfig | list):
+        raise ConfigError(f"{source}: 'defaults' must be a list of config names")
+    merged: Any = OmegaConf.create()
+    for name in map(str, parents):
+        file_name = name if name.endswith(".yaml") else f"{name}.yaml"
+        beside = here / file_name if here is not None else None
+        parent = beside if beside is not None and beside.is_file() else _shipped_path(name)
+        merged = OmegaConf.merge(merged, _read_yaml(parent, (*seen, source)))
+    return OmegaConf.merge(merged, node)
+
+
+def _read_yaml(path: Path, seen: tuple[str, ...] = ()) -> Any:
+    """Read one YAML file and deep-merge it over its ``defaults``."""
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
-    if path in seen:
+    if str(path) in seen:
         raise ConfigError(f"{path}: circular 'defaults' chain")
     try:
         node = OmegaConf.load(path)
@@ -187,21 +247,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
         raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
     if not isinstance(node, DictConfig):
         raise ConfigError(f"{path}: top level must be a mapping")
-    parents = node.pop("defaults", [])
-    if isinstance(parents, str):
-        parents = [parents]
-    if not isinstance(parents, ListConfig | list):
-        raise ConfigError(f"{path}: 'defaults' must be a list of config names")
-    merged: Any = OmegaConf.create()
-    for name in parents:
-        parent = path.parent / (str(name) if str(name).endswith(".yaml") else f"{name}.yaml")
-        merged = OmegaConf.merge(merged, _read_yaml(parent, (*seen, path)))
-    return OmegaConf.merge(merged, node)  # type: ignore[return-value]
-
-
-def _key_path(exc: OmegaConfBaseException) -> str:
-    full_key = getattr(exc, "full_key", None)
-    return str(full_key) if full_key else "?"
+    return _with_defaults(node, str(path), path.parent, seen)
 
 
 def _validate(cfg: DictConfig) -> None:
@@ -242,63 +288,75 @@ def _validate(cfg: DictConfig) -> None:
         raise ConfigError(f"evaluation.split: {cfg.evaluation.split!r} is not train|val|test|all")
 
 
-def resolve_config_path(path: str | Path) -> Path:
-    """Accept a path, or a bare name of a shipped config (``test`` → ``configs/test.yaml``)."""
-    candidate = Path(path)
-    if candidate.is_file():
-        return candidate
-    shipped = CONFIG_DIR / (candidate.name if candidate.suffix else f"{candidate.name}.yaml")
-    return shipped if shipped.is_file() else candidate
+def _checked(cfg: DictConfig) -> DictConfig:
+    """Validate a typed config and spell its precision the way Lightning expects."""
+    _validate(cfg)
+    if cfg.training.precision != PRECISIONS[cfg.training.precision]:
+        cfg.training.precision = PRECISIONS[cfg.training.precision]
+    return cfg
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> DictConfig:
-    """Load ``path`` (or the schema defaults), apply ``key.sub=value`` overrides, validate."""
-    schema = OmegaConf.structured(Stage1Config)
-    try:
-        cfg = schema
-        if path is not None:
-            cfg = OmegaConf.merge(cfg, _read_yaml(resolve_config_path(path)))
+def _typed(layers: Sequence[Any], overrides: Sequence[str] = ()) -> DictConfig:
+    """Schema defaults, then each layer, then ``key.sub=value`` overrides; validated."""
+    with _config_errors():
+        cfg = OmegaConf.structured(Stage1Config)
+        for layer in layers:
+            cfg = OmegaConf.merge(cfg, layer)
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"override {item!r}: expected key.sub=value")
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
-    except OmegaConfBaseException as exc:
-        reason = str(exc).splitlines()[0]
-        raise ConfigError(f"{_key_path(exc)}: {reason}") from exc
     assert isinstance(cfg, DictConfig)
-    _validate(cfg)
-    cfg.training.precision = PRECISIONS[cfg.training.precision]
     OmegaConf.set_readonly(cfg, False)
-    return cfg
+    return _checked(cfg)
 
 
-def config_from_dict(values: dict[str, Any]) -> DictConfig:
-    """Rebuild a validated config from a plain dict (as stored in checkpoints)."""
-    try:
-        cfg = OmegaConf.merge(OmegaConf.structured(Stage1Config), values)
-    except OmegaConfBaseException as exc:
-        raise ConfigError(f"{_key_path(exc)}: {str(exc).splitlines()[0]}") from exc
-    assert isinstance(cfg, DictConfig)
-    _validate(cfg)
-    return cfg
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> DictConfig:
+    """Load ``path`` (or the schema defaults), apply ``key.sub=value`` overrides, validate."""
+    with _config_errors():
+        layers = [] if path is None else [_read_yaml(resolve_config_path(path))]
+    return _typed(layers, overrides)
 
 
-def config_to_dict(cfg: DictConfig) -> dict[str, Any]:
+def as_config(config: ConfigLike) -> DictConfig:
+    """The validated, typed config for an OmegaConf config or a plain mapping.
+
+    A typed config (from :func:`load_config`) is re-checked and returned as is, so edits made
+    to it are seen; anything else (``yaml.safe_load`` output, a checkpoint's ``'config'``, an
+    untyped DictConfig) is merged over the schema defaults exactly as a YAML file would be,
+    its ``defaults: [base]`` resolved among the shipped configs.
+    """
+    if isinstance(config, DictConfig) and OmegaConf.get_type(config) is Stage1Config:
+        return _checked(config)
+    if not isinstance(config, Mapping):
+        raise ConfigError(
+            f"config: expected an OmegaConf config or a mapping, got {type(config).__name__}"
+        )
+    with _config_errors():
+        node = OmegaConf.create(
+            OmegaConf.to_container(config) if isinstance(config, DictConfig) else dict(config)
+        )
+        assert isinstance(node, DictConfig)
+        layer = _with_defaults(node, "config", None, ())
+    return _typed([layer])
+
+
+def config_to_dict(cfg: ConfigLike) -> dict[str, Any]:
     """Plain, JSON-safe dict of a config (for checkpoints, JSON files)."""
-    out = OmegaConf.to_container(cfg, resolve=True)
+    out = OmegaConf.to_container(as_config(cfg), resolve=True)
     assert isinstance(out, dict)
     return out  # type: ignore[return-value]
 
 
-def config_hash(cfg: DictConfig, sections: Sequence[str] = ("data",)) -> str:
+def config_hash(cfg: ConfigLike, sections: Sequence[str] = ("data",)) -> str:
     """Short sha256 of the named config sections (what shapes a derived artifact)."""
     values = {name: config_to_dict(cfg)[name] for name in sections}
     blob = json.dumps(values, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def save_config(cfg: DictConfig, path: str | Path) -> None:
+def save_config(cfg: ConfigLike, path: str | Path) -> None:
     """Write the resolved config as YAML, atomically."""
     from stage1.utils import atomic_write_text
 
-    atomic_write_text(Path(path), OmegaConf.to_yaml(cfg, resolve=True))
+    atomic_write_text(Path(path), OmegaConf.to_yaml(as_config(cfg), resolve=True))

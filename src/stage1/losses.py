@@ -15,9 +15,9 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
 from torch import nn
 
+from stage1.config import ConfigLike, as_config
 from stage1.data.features import BODY_RATIO, CLOSE, HIGH, LOW, N_FEATURES, OPEN
 from stage1.data.timeframes import sort_timeframes, tf_ns
 
@@ -270,11 +270,12 @@ class Stage1CombinedLoss(nn.Module):
 
     def __init__(
         self,
-        config: DictConfig,
+        config: ConfigLike,
         norm_mean: torch.Tensor | None = None,
         norm_std: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
+        config = as_config(config)
         loss_cfg = config.loss
         self.weights = {name: float(value) for name, value in loss_cfg.weights.items()}
         self.huber = HuberLoss(float(loss_cfg.huber_delta), float(loss_cfg.unmasked_weight))

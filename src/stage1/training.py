@@ -46,7 +46,8 @@ from omegaconf import DictConfig
 
 from stage1.checkpoint import export_checkpoint, read_checkpoint
 from stage1.config import (
-    config_from_dict,
+    ConfigLike,
+    as_config,
     config_hash,
     config_to_dict,
     load_config,
@@ -102,14 +103,14 @@ class Stage1LightningModule(L.LightningModule):
     model, loss and normaliser without pickled objects.
     """
 
-    def __init__(self, config: DictConfig | dict[str, Any], normalizer_stats: dict[str, Any]):
+    def __init__(self, config: ConfigLike, normalizer_stats: dict[str, Any]):
         super().__init__()
         # TF32 tensor cores for fp32 matmuls on Ampere+ GPUs (no effect on CPU). Set here, not in
         # a fit hook: Lightning checks it while placing the model, before any hook runs.
         torch.set_float32_matmul_precision("high")
-        config_dict = config_to_dict(config) if isinstance(config, DictConfig) else config
+        config_dict = config_to_dict(config)
         self.save_hyperparameters({"config": config_dict, "normalizer_stats": normalizer_stats})
-        self.config = config_from_dict(config_dict)
+        self.config = as_config(config_dict)
         normalizer = TFNormalizer.from_dict(normalizer_stats)
         self.timeframes = sort_timeframes(list(self.config.data.timeframes))
         self.model = Stage1Model(self.config)
@@ -385,7 +386,7 @@ def _parse_devices(devices: str | int | None) -> int | str:
 
 
 def build_trainer(
-    config: DictConfig,
+    config: ConfigLike,
     output_dir: str | Path,
     *,
     devices: str | int | None = None,
@@ -399,7 +400,7 @@ def build_trainer(
     Checkpoints go to ``<output_dir>/checkpoints/`` (``stage1_best.ckpt`` on val loss and
     ``last.ckpt``), TensorBoard logs to ``<output_dir>/logs/<experiment_name>/version_N``.
     """
-    output_dir = Path(output_dir)
+    config, output_dir = as_config(config), Path(output_dir)
     train_cfg = config.training
     accelerator = accelerator or "auto"
     on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
@@ -466,7 +467,7 @@ def _resume_normalizer(path: Path, config: DictConfig) -> TFNormalizer:
     a different model or data layout (the weights and statistics would not fit)."""
     _, stored_config, normalizer_stats, _ = read_checkpoint(path)
     sections = ("data", "model")
-    if config_hash(config_from_dict(stored_config), sections) != config_hash(config, sections):
+    if config_hash(as_config(stored_config), sections) != config_hash(config, sections):
         raise ConfigError(
             f"{path}: --resume needs the same data.* and model.* settings as the checkpoint"
         )

@@ -139,13 +139,23 @@ def test_prepare_real_m1_file(shared_data_dir: Path, tmp_path: Path) -> None:
     assert list(manifest["files"]) == ["m1", "m5", "m15", "m30", "h1", "h4"]
 
 
+def test_python_dash_m_stage1_is_the_cli() -> None:
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    argv = [sys.executable, "-m", "stage1", "train", "--help"]
+    result = subprocess.run(argv, capture_output=True, text=True, check=False, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: stage1 train")
+    assert "--fast_dev_run" in result.stdout
+
+
 def test_help_explains_the_commands(capsys: pytest.CaptureFixture[str]) -> None:
     search = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     script = shutil.which("stage1", path=search)
     assert script, "the `stage1` console script is not installed (pip install -e .)"
     result = subprocess.run([script, "--help"], capture_output=True, text=True, check=False)
     assert result.returncode == 0
-    for command in ("prepare", "train", "evaluate", "encode", "demo"):
+    for command in ("prepare", "train", "evaluate", "encode", "demo", "check"):
         assert command in result.stdout
     with pytest.raises(SystemExit) as info:
         main(["prepare", "--help"])

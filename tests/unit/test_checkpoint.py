@@ -15,7 +15,7 @@ from stage1.checkpoint import (
     strip_wrapper_prefixes,
 )
 from stage1.config import config_to_dict, load_config
-from stage1.errors import CheckpointError
+from stage1.errors import CheckpointError, ConfigError
 from stage1.model.model import Stage1Model
 
 # The layout TFNormalizer.to_dict() produces: plain lists, so weights_only loading accepts it.
@@ -176,11 +176,22 @@ def test_weights_that_do_not_fit_the_config_are_refused(
 def test_invalid_stored_config_is_a_checkpoint_error(
     tmp_path: Path, config: DictConfig, model: Stage1Model
 ) -> None:
-    bad = config_to_dict(config)
-    bad["model"]["no_such_key"] = 1
-    path = export_checkpoint(tmp_path / "c.pth", model.state_dict(), bad, NORMALIZER, 1, 0.1)
+    path = export_checkpoint(tmp_path / "c.pth", model.state_dict(), config, NORMALIZER, 1, 0.1)
+    blob = torch.load(path, weights_only=True)
+    blob["config"]["model"]["no_such_key"] = 1  # e.g. written by another version of stage1
+    torch.save(blob, path)
     with pytest.raises(CheckpointError, match=r"c\.pth: stored config is invalid"):
         load_checkpoint(path)
+
+
+def test_export_refuses_an_invalid_config(
+    tmp_path: Path, config: DictConfig, model: Stage1Model
+) -> None:
+    bad = config_to_dict(config)
+    bad["model"]["no_such_key"] = 1
+    with pytest.raises(ConfigError, match=r"model\.no_such_key"):
+        export_checkpoint(tmp_path / "c.pth", model.state_dict(), bad, NORMALIZER, 1, 0.1)
+    assert not (tmp_path / "c.pth").exists()
 
 
 def test_failed_export_keeps_the_previous_file(

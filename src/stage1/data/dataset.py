@@ -22,6 +22,7 @@ import pyarrow
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from stage1.config import ConfigLike, as_config
 from stage1.data.features import FeatureEngineer
 from stage1.data.io import load_tf_data
 from stage1.data.masking import MaskingStrategy
@@ -38,17 +39,17 @@ FIT_CHUNK_WINDOWS = 1024  # bounds the float64 temporaries of the fit to ~15 MB
 Batch = dict[str, torch.Tensor]
 
 
-def embargo_ns(config: Any) -> int:
+def embargo_ns(config: ConfigLike) -> int:
     """Gap between splits: ``data.embargo_minutes`` or the longest timeframe's window span,
     whichever is larger."""
-    data = config.data
+    data = as_config(config).data
     span = max(data.seq_len * tf_ns(tf) for tf in data.timeframes)
     return max((data.embargo_minutes or 0) * NS_PER_MINUTE, span)
 
 
-def build_sampler(data_dir: str | Path, config: Any) -> MultiTFWindowSampler:
+def build_sampler(data_dir: str | Path, config: ConfigLike) -> MultiTFWindowSampler:
     """Read ``data_dir`` for ``config.data.timeframes`` and index its windows."""
-    data = config.data
+    data = as_config(config).data
     tf_data = load_tf_data(data_dir, data.timeframes)
     # Reading Parquet leaves Arrow's freed buffers cached in its allocator (about the size of
     # the data); give them back to the OS before the sampler adds its own arrays.
@@ -58,11 +59,10 @@ def build_sampler(data_dir: str | Path, config: Any) -> MultiTFWindowSampler:
     )
 
 
-def build_splits(sampler: MultiTFWindowSampler, config: Any) -> dict[str, np.ndarray]:
+def build_splits(sampler: MultiTFWindowSampler, config: ConfigLike) -> dict[str, np.ndarray]:
     """Chronological train/val/test window ids with the config's embargo (see ``embargo_ns``)."""
-    return chronological_splits(
-        sampler, config.data.train_frac, config.data.val_frac, embargo_ns(config)
-    )
+    data = as_config(config).data
+    return chronological_splits(sampler, data.train_frac, data.val_frac, embargo_ns(config))
 
 
 def fit_normalizer(
@@ -104,7 +104,7 @@ class Stage1Dataset(Dataset[Batch]):
     def __init__(
         self,
         data_dir: str | Path | None,
-        config: Any,
+        config: ConfigLike,
         split: str,
         normalizer: TFNormalizer | None = None,
         *,
@@ -113,6 +113,7 @@ class Stage1Dataset(Dataset[Batch]):
     ) -> None:
         if split not in SPLITS:
             raise ConfigError(f"split: {split!r} is not one of {', '.join(SPLITS)}")
+        config = as_config(config)
         if sampler is None:
             if data_dir is None:
                 raise ValueError("Stage1Dataset needs data_dir or a sampler")
@@ -245,11 +246,11 @@ class Stage1DataModule(L.LightningDataModule):
     """
 
     def __init__(
-        self, data_dir: str | Path, config: Any, normalizer: TFNormalizer | None = None
+        self, data_dir: str | Path, config: ConfigLike, normalizer: TFNormalizer | None = None
     ) -> None:
         super().__init__()
         self.data_dir = data_dir
-        self.config = config
+        self.config = as_config(config)
         self.normalizer = normalizer
         self.sampler: MultiTFWindowSampler | None = None
         self.splits: dict[str, np.ndarray] = {}

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 
+from stage1.config import ConfigLike, as_config
 from stage1.data.timeframes import sort_timeframes
 
 FEATURE_NAMES = ("open", "high", "low", "close", "delta_close", "body_ratio")
@@ -45,8 +45,8 @@ def _log_ratio(new: np.ndarray, base: np.ndarray) -> np.ndarray:
 class FeatureEngineer:
     """Builds ``[.., n_tf, seq_len, 6]`` features from raw OHLC; ``config`` gives the timeframes."""
 
-    def __init__(self, config: Any) -> None:
-        self.timeframes = sort_timeframes(list(config.data.timeframes))
+    def __init__(self, config: ConfigLike) -> None:
+        self.timeframes = sort_timeframes(list(as_config(config).data.timeframes))
 
     def reference_prices(self, ohlc: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Reference price per window: open of the base bar at position 0.

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
+from stage1.config import as_config
 from stage1.data.features import DELTA_CLOSE
 from stage1.data.timeframes import sort_timeframes, tf_ns
 
@@ -53,14 +54,18 @@ class MaskingStrategy:
     (their overlapping bars are hidden anyway).
     """
 
-    def __init__(self, masking_cfg: Any, timeframes: Sequence[str], seq_len: int) -> None:
+    def __init__(
+        self, masking_cfg: Mapping[str, Any], timeframes: Sequence[str], seq_len: int
+    ) -> None:
+        # The ``masking`` section alone (DictConfig or plain mapping), checked by the schema.
+        section = as_config({"masking": masking_cfg}).masking
         self.timeframes = sort_timeframes(list(timeframes))
         self.seq_len = seq_len
-        self.mask_ratio = float(masking_cfg.mask_ratio)
-        self.sync_tf = bool(masking_cfg.sync_tf)
-        self.right_edge_ratio = float(getattr(masking_cfg, "right_edge_ratio", 0.0))
-        self.span_min_bars = int(masking_cfg.span_min_bars)
-        self.span_max_bars = int(masking_cfg.span_max_bars)
+        self.mask_ratio = float(section.mask_ratio)
+        self.sync_tf = bool(section.sync_tf)
+        self.right_edge_ratio = float(getattr(section, "right_edge_ratio", 0.0))
+        self.span_min_bars = int(section.span_min_bars)
+        self.span_max_bars = int(section.span_max_bars)
         self.tf_durations_ns = [tf_ns(tf) for tf in self.timeframes]
         # Base bars per timeframe bar, as a length scale from base bars to this timeframe's bars.
         self.span_scale = [self.tf_durations_ns[0] / d for d in self.tf_durations_ns]

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from stage1.checkpoint import load_checkpoint
-from stage1.config import config_from_dict, config_hash, config_to_dict, load_config
+from stage1.config import ConfigLike, as_config, config_hash, config_to_dict, load_config
 from stage1.data.dataset import Stage1Dataset, build_sampler, build_splits
 from stage1.data.features import FeatureEngineer
 from stage1.data.io import load_tf_data
@@ -140,7 +140,7 @@ def evaluation_config(
     elif overrides:
         merged = OmegaConf.merge(OmegaConf.create(values), OmegaConf.from_dotlist(list(overrides)))
         values = OmegaConf.to_container(merged)  # type: ignore[assignment]
-    return config_from_dict(values)
+    return as_config(values)
 
 
 def default_report_dir(ckpt: str | Path, split: str) -> Path:
@@ -156,7 +156,7 @@ def _evenly_spaced(positions: np.ndarray, limit: int) -> np.ndarray:
 
 
 def random_model_like(
-    config: DictConfig, seed: int, device: torch.device, normalizer: TFNormalizer
+    config: ConfigLike, seed: int, device: torch.device, normalizer: TFNormalizer
 ) -> Stage1Model:
     """A freshly initialised Stage1Model of the same config and normaliser (seeded; global RNG
     untouched)."""
@@ -197,11 +197,12 @@ def run_probes(
     models: dict[str, Stage1Model],
     base_close: np.ndarray,
     base_open_ns: np.ndarray,
-    config: DictConfig,
+    config: ConfigLike,
     device: torch.device,
 ) -> dict[str, Any]:
     """``{kind: {vol_r2, sign_acc, sign_auc, n_train, n_test, ...}}`` for every ``PROBE_KINDS``:
     encoder, raw, random and encoder+raw (the two concatenated)."""
+    config = as_config(config)
     horizon = int(config.evaluation.probe_horizon_bars)
     limit = int(config.evaluation.probe_max_train_windows)
     bar_ns = tf_ns(train.sampler.base_tf)
@@ -226,7 +227,7 @@ def run_probes(
 def reconstruct_split(
     model: Stage1Model,
     dataset: Stage1Dataset,
-    config: DictConfig,
+    config: ConfigLike,
     device: torch.device,
     sync: bool,
     positions: np.ndarray | None = None,
@@ -237,6 +238,7 @@ def reconstruct_split(
     Masks come from one generator seeded with ``evaluation.seed``, batch after batch, with
     ``sync`` choosing calendar-synchronised masks.
     """
+    config = as_config(config)
     normalizer, engineer = dataset.normalizer, FeatureEngineer(config)
     accumulator = MetricAccumulator(dataset.sampler.timeframes, normalizer.std.double().numpy())
     generator = torch.Generator(device=device).manual_seed(int(config.evaluation.seed))

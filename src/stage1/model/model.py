@@ -23,9 +23,9 @@ Either way ``reconstructed`` is in z-scored (normaliser) units, like the targets
 from __future__ import annotations
 
 import torch
-from omegaconf import DictConfig
 from torch import nn
 
+from stage1.config import ConfigLike, as_config
 from stage1.data.features import BODY_RATIO, DELTA_CLOSE, N_FEATURES
 from stage1.data.masking import mask_model_input
 from stage1.data.timeframes import sort_timeframes, tf_ns
@@ -59,8 +59,9 @@ class Stage1Model(nn.Module):
     norm_mean: torch.Tensor
     norm_std: torch.Tensor
 
-    def __init__(self, config: DictConfig) -> None:
+    def __init__(self, config: ConfigLike) -> None:
         super().__init__()
+        config = as_config(config)
         model_cfg, enc_cfg = config.model, config.model.encoder
         self.n_tf = len(config.data.timeframes)
         self.seq_len = int(config.data.seq_len)
@@ -111,6 +112,7 @@ class Stage1Model(nn.Module):
         if self.prior != "none":
             # An untrained model reproduces the prior exactly; training learns the correction.
             for decoder in self.decoders:
+                assert isinstance(decoder, TFDecoder)  # ModuleList items are typed Module
                 nn.init.zeros_(decoder.head.weight)
                 nn.init.zeros_(decoder.head.bias)
 
