@@ -70,15 +70,22 @@ def export_checkpoint(
     """Write the self-describing export to ``path`` atomically; return the path.
 
     Tensors are detached CPU copies so the file loads on a machine without the training device.
+    The model's ``norm_mean``/``norm_std`` buffers are written from ``normalizer_stats``, so the
+    guide's ``Stage1Model(config).load_state_dict(...)`` gets the statistics it was trained with.
     """
     path = Path(path)
     config_dict = config_to_dict(config)
+    weights = {
+        key: value.detach().cpu().clone()
+        for key, value in strip_wrapper_prefixes(model_state_dict).items()
+    }
+    # The model's normaliser buffers ARE the checkpoint's statistics, whoever built the model.
+    for key, name in (("norm_mean", "mean"), ("norm_std", "std")):
+        if key in weights and name in normalizer_stats:
+            weights[key] = torch.as_tensor(normalizer_stats[name], dtype=weights[key].dtype)
     payload = {
         "format": EXPORT_FORMAT,
-        "model_state_dict": {
-            key: value.detach().cpu().clone()
-            for key, value in strip_wrapper_prefixes(model_state_dict).items()
-        },
+        "model_state_dict": weights,
         "config": config_dict,
         "normalizer": dict(normalizer_stats),
         "epoch": int(epoch),

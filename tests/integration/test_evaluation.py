@@ -89,10 +89,27 @@ def test_every_window_of_the_split_is_evaluated(evaluated, tiny_checkpoint, synt
         assert entry["n_hidden_bars"] == spans > 0
 
 
-def test_an_untrained_model_does_not_beat_the_baselines(evaluated):
+def test_an_untrained_model_is_its_prior_and_beats_no_baseline(evaluated):
+    """The decoders start at zero: an untrained model reproduces its prior (the bridge on the
+    base timeframe, agg on coarser ones) exactly, so it ties the best baseline at most."""
     metrics, _ = evaluated
-    assert metrics["mean"]["skill_best"] < 0
-    assert metrics["mean"]["skill_interp"] < 0
+    per_tf = metrics["per_tf"]
+    assert per_tf["m1"]["skill_bridge"] == pytest.approx(0.0, abs=1e-6)
+    for tf in ("m5", "m15", "m30"):
+        assert per_tf[tf]["skill_agg"] == pytest.approx(0.0, abs=1e-6), tf
+    for tf, entry in per_tf.items():
+        assert entry["skill_best"] <= 1e-6, tf
+
+
+def test_an_untrained_model_without_prior_loses_to_the_baselines(val_dataset):
+    config = load_config("test", [*TINY, "model.prior=none"])
+    torch.manual_seed(0)
+    model = Stage1Model(config).eval()
+    model.set_normalizer(val_dataset.normalizer.mean, val_dataset.normalizer.std)
+    result = reconstruct_split(model, val_dataset, config, torch.device("cpu"), sync=True)[0]
+    mean = result.result()["mean"]
+    assert mean["skill_best"] < 0
+    assert mean["skill_interp"] < 0
 
 
 def test_report_html_and_plots_are_written(evaluated):
@@ -131,7 +148,9 @@ def test_scaled_prices_give_the_same_skills_on_a_data_dir_never_seen(
 class PeekingModel(torch.nn.Module):
     """Ignores the masks and returns its full input: it has seen every hidden value."""
 
-    def forward(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> dict:
+    def forward(
+        self, x: torch.Tensor, masks: torch.Tensor | None = None, times: torch.Tensor | None = None
+    ) -> dict:
         return {"reconstructed": x.clone(), "encoded": x.mean(dim=2, keepdim=True)}
 
 

@@ -192,8 +192,13 @@ def test_resumed_run_ends_where_the_uninterrupted_run_ends(
 def test_overfit_config_drives_training_loss_down_90_percent(
     synthetic_data_dir: Path, tmp_path: Path
 ) -> None:
-    """Proof that model + loss can learn: the overfit config on a small fixed subset."""
-    assert train(synthetic_data_dir, tmp_path, *OVERFIT, config="overfit_test") == 0
+    """Proof that model + loss can learn: the overfit config on a small fixed subset, predicting
+    hidden bars from scratch (``model.prior=none``; measured: loss x 0.008). With the default agg
+    prior the loss starts at the prior's error and halves in these 1 200 steps (0.0008 -> 0.0004):
+    a correction of a naive fill is not a memoriser; its learning is measured against the
+    baselines on real data instead (benchmarks/quality.py, docs/RESULTS.md)."""
+    argv = [*OVERFIT, "model.prior=none"]
+    assert train(synthetic_data_dir, tmp_path, *argv, config="overfit_test") == 0
     scalars = read_scalars(tmp_path)
     first = scalars["train/loss_step"][0][1]
     final = scalars["train/loss_epoch"][-1][1]
