@@ -37,7 +37,8 @@ from stage1.data.prepare import prepare
 from stage1.evaluation.runner import evaluate_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-HUBER_ONLY = ["loss.weights.stft=0", "loss.weights.cross_tf=0", "loss.weights.amp_phase=0"]
+# The generated table sits between these markers; text around them is kept on rewrites.
+START, END = "<!-- quality.py table: start -->", "<!-- quality.py table: end -->"
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,11 @@ VARIANTS: dict[str, Variant] = {
         "cpu",
         [*SCREEN, *OLD_LOSS[:4]],
         "+ the guide's STFT / cross-TF / amp-phase terms (on the composite)",
+    ),
+    "screen_right_edge_05": Variant(
+        "cpu",
+        [*SCREEN, "masking.right_edge_ratio=0.5"],
+        "half the training rows end in a hidden span (0.2 shipped)",
     ),
     "screen_prior_bridge": Variant(
         "cpu", [*SCREEN, "model.prior=bridge"], "bridge prior everywhere (no agg for coarse bars)"
@@ -187,6 +193,23 @@ def run_variant(
     return summary
 
 
+def recover_summary(run_dir: Path) -> None:
+    """summary.json of a run whose evaluation finished but whose summary was not written (the
+    process died after ``evaluate_checkpoint``): training time from the run's own files (config
+    written at the start, export at the end)."""
+    metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    summary = summarise(metrics)
+    train_s = (run_dir / "checkpoints" / "stage1_best.pth").stat().st_mtime - (
+        run_dir / "config.yaml"
+    ).stat().st_mtime
+    summary |= {
+        "train_s": round(train_s, 1),
+        "eval_s": metrics.get("elapsed_s"),
+        "steps": _steps(run_dir),
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
 def _steps(run_dir: Path) -> int | None:
     from stage1.training import read_scalars
 
@@ -259,9 +282,16 @@ def write_table(path: Path, rows: dict[str, dict[str, Any]], max_windows: int) -
             + " / ".join(_f(probe.get(k)) for k in ("encoder", "raw", "random", "encoder+raw"))
             + f" | {row['alarms']} |"
         )
+    table = "\n".join(lines[2:]) + "\n"  # below the title
+    text = f"{lines[0]}\n\n{START}\n{table}{END}\n"
+    if path.exists():
+        # Keep what a person wrote around the table (the reading of it); replace the table.
+        old = path.read_text()
+        if START in old and END in old:
+            text = old[: old.index(START)] + f"{START}\n{table}" + old[old.index(END) :]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
+    tmp.write_text(text)
     tmp.replace(path)
 
 
@@ -286,6 +316,12 @@ def main() -> None:
     rows: dict[str, dict[str, Any]] = {}
     for name in args.variants:
         summary_path = args.out / name / "summary.json"
+        if (
+            args.reuse
+            and not summary_path.exists()
+            and (args.out / name / "eval/metrics.json").exists()
+        ):
+            recover_summary(args.out / name)
         if args.reuse and summary_path.exists():
             rows[name] = json.loads(summary_path.read_text())
         else:
