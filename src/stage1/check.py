@@ -121,16 +121,19 @@ class _Check:
 
         torch.manual_seed(0)
         model = Stage1Model(self.plain_config)
+        normalizer = self.state["dataset"].normalizer
+        model.set_normalizer(normalizer.mean, normalizer.std)  # as training does
         batch = self.state["dataset"].get_batch(range(16))
         masks = self.state["dataset"].masking.generate(batch["times"])
-        out = model(batch["features"], masks)
+        out = model(batch["features"], masks, batch["times"])
         n_tf, seq_len = len(self.config.data.timeframes), int(self.config.data.seq_len)
         want = (16, n_tf, model.latent_len, model.d_model)
         _expect(tuple(out["reconstructed"].shape) == (16, n_tf, seq_len, 6), "reconstructed shape")
         _expect(tuple(out["encoded"].shape) == want, f"encoded {tuple(out['encoded'].shape)}")
-        normalizer = self.state["dataset"].normalizer
         criterion = Stage1CombinedLoss(self.plain_config, normalizer.mean, normalizer.std)
-        losses = criterion(out["reconstructed"], batch["targets"], masks, batch["times"])
+        losses = criterion(
+            out["reconstructed"], batch["targets"], masks, batch["times"], out.get("scale")
+        )
         _expect(set(losses) == {"total", "huber", "stft", "cross_tf", "amp_phase"}, "loss keys")
         _expect(all(bool(torch.isfinite(v)) for v in losses.values()), f"loss {losses}")
         losses["total"].backward()
