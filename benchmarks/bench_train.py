@@ -28,7 +28,8 @@ from stage1.config import load_config
 from stage1.data.dataset import Stage1DataModule
 from stage1.data.synthetic import write_synthetic_dataset
 from stage1.losses import Stage1CombinedLoss
-from stage1.training import Stage1LightningModule, build_trainer, mask_generator
+from stage1.module import Stage1LightningModule, mask_generator
+from stage1.training import build_trainer
 
 TIMEFRAMES = ["m1", "m5", "m15", "m30", "h1", "h4"]
 

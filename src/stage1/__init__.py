@@ -23,7 +23,7 @@ _LAZY = {
     "Stage1DataModule": "stage1.data.dataset",
     "Stage1Model": "stage1.model.model",
     "Stage1CombinedLoss": "stage1.losses",
-    "Stage1LightningModule": "stage1.training",
+    "Stage1LightningModule": "stage1.module",
     "Stage1InferenceEngine": "stage1.inference",
 }
 

@@ -22,7 +22,8 @@ from stage1.config import config_to_dict, load_config
 from stage1.data.dataset import Stage1Dataset
 from stage1.data.normalization import TFNormalizer
 from stage1.errors import TrainingDivergedError
-from stage1.training import Stage1LightningModule, one_cycle_pct_start, read_scalars
+from stage1.module import Stage1LightningModule, one_cycle_pct_start
+from stage1.training import read_scalars
 
 # Splits that fit the synthetic fixture's weeks with the test config's 64 h embargo.
 SPLITS = ["data.train_frac=0.4", "data.val_frac=0.3"]
