@@ -260,8 +260,9 @@ def write_table(path: Path, rows: dict[str, dict[str, Any]], max_windows: int) -
         "mean over timeframes; `best` takes the best baseline per timeframe and feature "
         "(last, interp, bridge, agg). m1 interior: hidden m1 bars with a visible m1 bar after "
         "them, vs bridge. Uncovered: hidden coarse bars with no visible finer bar inside them, "
-        "close vs bridge (worst coarse timeframe). Probe: ridge R² of the next 30-60 bars' log "
-        "realised volatility from the pooled embedding.",
+        "close vs bridge (worst coarse timeframe). Probe: ridge R² of the log realised "
+        "volatility of the next `evaluation.probe_horizon_bars` base bars (30 for cpu and demo) "
+        "from the mean-pooled embedding. Train minutes are wall time with one torch thread.",
         "",
         "| variant | what changes | train min | steps | skill last / interp / bridge / best "
         "| m1 interior close / high / low | worst uncovered close | vol R² encoder / raw / "
