@@ -18,6 +18,7 @@ from stage1.evaluation.metrics import (
     count_spans,
     find_spans,
     freshest_visible_close,
+    gain_t,
     leak_alarms,
     log_spectrum_error,
     mae_on_hidden,
@@ -235,6 +236,23 @@ def test_leaky_model_trips_the_right_edge_alarm_and_an_honest_one_does_not():
     alarms = leak_alarms(result["per_tf"], {})
     assert any(a.startswith("m1:") and "right-edge" in a for a in alarms)
     assert result["per_tf"]["m1"]["interior"]["skill_bridge"] == 0.0
+
+
+def test_a_right_edge_gain_on_a_handful_of_bars_is_no_evidence():
+    """Skill above 1 % on a few bars is noise unless the per-bar gain is significant (t >= 3)."""
+
+    def entry(gains: np.ndarray) -> dict:
+        sums = np.array([gains.size, gains.sum(), gains @ gains])
+        right_edge = {"close_skill_fresh": 0.14, "close_skill_fresh_t": gain_t(sums)}
+        return {"h1": {"right_edge": {**right_edge, "n_hidden_bars": gains.size}}}
+
+    rng = np.random.default_rng(0)
+    noisy = rng.normal(0.1, 1.0, size=15)  # a lucky average over 15 bars
+    assert gain_t(np.array([15, noisy.sum(), noisy @ noisy])) < 3
+    assert leak_alarms(entry(noisy), {}) == []
+    steady = np.abs(rng.normal(1.0, 0.1, size=15))  # better on every bar: a leak
+    assert len(leak_alarms(entry(steady), {})) == 1
+    assert np.isnan(gain_t(np.array([1.0, 1.0, 1.0])))  # one bar: nothing to judge
 
 
 def test_sign_probe_auc_above_threshold_is_an_alarm():

@@ -51,6 +51,8 @@ SOURCES = ("model", *BASELINE_NAMES)
 CLASSES = (*SPAN_CLASSES, *COVERAGE_CLASSES)
 CONSISTENCY_TOLERANCE_STD = 0.25
 RIGHT_EDGE_SKILL_ALARM = 0.01
+RIGHT_EDGE_T_ALARM = 3.0
+T_CAP = 1e6
 SIGN_AUC_ALARM = 0.55
 
 
@@ -182,6 +184,8 @@ class MetricAccumulator:
         self.consistency = np.zeros((n_tf, 2), dtype=np.int64)  # agree, checked
         # Right-edge close errors of the model and of the freshest visible close (any timeframe).
         self.fresh_abs_err = np.zeros((n_tf, 2))
+        # Per-bar gain over the last known price, |e_fresh| - |e_model|: count, sum, sum of squares.
+        self.fresh_gain = np.zeros((n_tf, 3))
         self.n_windows = 0
 
     def update(
@@ -258,10 +262,10 @@ class MetricAccumulator:
         true_close = values[..., CLOSE][right_edge]
         model_close = guesses["model"][..., CLOSE][right_edge]
         fresh_close = np.broadcast_to(fresh[:, None], right_edge.shape)[right_edge]
-        self.fresh_abs_err[k] += [
-            np.abs(model_close - true_close).sum(),
-            np.abs(fresh_close - true_close).sum(),
-        ]
+        model_err, fresh_err = np.abs(model_close - true_close), np.abs(fresh_close - true_close)
+        self.fresh_abs_err[k] += [model_err.sum(), fresh_err.sum()]
+        gain = fresh_err - model_err
+        self.fresh_gain[k] += [gain.size, gain.sum(), gain @ gain]
 
     def _update_scalars(
         self, k: int, values: np.ndarray, guesses: Mapping[str, np.ndarray], masks: np.ndarray
@@ -341,6 +345,7 @@ class MetricAccumulator:
                     entry[name] = self._block(k, [c], int(self.n_spans[k, c]))
             model_err, fresh_err = self.fresh_abs_err[k]
             entry["right_edge"]["close_skill_fresh"] = _finite_or_none(skill(model_err, fresh_err))
+            entry["right_edge"]["close_skill_fresh_t"] = _finite_or_none(gain_t(self.fresh_gain[k]))
             per_tf[tf] = entry
         return {"n_windows": self.n_windows, "per_tf": per_tf, "mean": mean_over_timeframes(per_tf)}
 
@@ -371,12 +376,29 @@ def mean_over_timeframes(per_tf: Mapping[str, Mapping[str, Any]]) -> dict[str, A
     return out
 
 
+def gain_t(sums: np.ndarray) -> float:
+    """t statistic of the mean per-bar gain from ``[count, sum, sum of squares]``; NaN below two
+    bars (too few to judge), capped at +-1e6 (a constant gain has no spread)."""
+    n, total, squares = (float(v) for v in sums)
+    if n < 2:
+        return math.nan
+    mean = total / n
+    var = max(squares / n - mean * mean, 0.0) * n / (n - 1)
+    if var == 0.0:
+        return math.copysign(T_CAP, mean) if mean else 0.0
+    return max(-T_CAP, min(T_CAP, mean / math.sqrt(var / n)))
+
+
 def leak_alarms(per_tf: Mapping[str, Mapping[str, Any]], probe: Mapping[str, Any]) -> list[str]:
     """Leak warnings, empty when clean (SPEC §6).
 
     * close skill on right-edge bars above 1 % on any timeframe, against the last known price
-      (:func:`freshest_visible_close`): nothing after them is visible, so their close is a
-      martingale step from that price and beating it means the model saw what it should not.
+      (:func:`freshest_visible_close`), with a per-bar gain whose t statistic is at least
+      ``RIGHT_EDGE_T_ALARM`` (3): nothing after them is visible, so their close is a martingale
+      step from that price and beating it means the model saw what it should not. The t test
+      keeps a handful of bars (a coarse timeframe has a few dozen right-edge bars in thousands
+      of windows) from alarming on noise; a model that peeks beats the price on every bar
+      (t in the tens or infinite).
       On the base timeframe that price is the ``last`` baseline of SPEC §6; a coarse timeframe's
       own last bar can be hours older than a visible finer bar, so its naive baselines are no
       yardstick here (a model reading the finer bars beats them honestly);
@@ -385,12 +407,15 @@ def leak_alarms(per_tf: Mapping[str, Mapping[str, Any]], probe: Mapping[str, Any
     """
     alarms = []
     for tf, entry in per_tf.items():
-        value = entry.get("right_edge", {}).get("close_skill_fresh")
-        if value is not None and value > RIGHT_EDGE_SKILL_ALARM:
+        right_edge = entry.get("right_edge", {})
+        value, t_stat = right_edge.get("close_skill_fresh"), right_edge.get("close_skill_fresh_t")
+        significant = t_stat is not None and t_stat >= RIGHT_EDGE_T_ALARM  # None: < 2 bars
+        if value is not None and value > RIGHT_EDGE_SKILL_ALARM and significant:
             alarms.append(
                 f"{tf}: close skill on right-edge bars is {value:+.3f} > "
-                f"{RIGHT_EDGE_SKILL_ALARM:.2f} against the last known price; nothing after them "
-                "is visible, so their close should be unpredictable beyond it - check for leakage"
+                f"{RIGHT_EDGE_SKILL_ALARM:.2f} against the last known price (t = {t_stat:.1f}, "
+                f"{right_edge.get('n_hidden_bars')} bars); nothing after them is visible, so "
+                "their close should be unpredictable beyond it - check for leakage"
             )
     for kind, scores in probe.items():
         auc = scores.get("sign_auc") if isinstance(scores, Mapping) else None

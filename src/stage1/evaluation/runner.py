@@ -34,6 +34,7 @@ from stage1.errors import ConfigError, DataValidationError
 from stage1.evaluation.metrics import (
     CONSISTENCY_TOLERANCE_STD,
     RIGHT_EDGE_SKILL_ALARM,
+    RIGHT_EDGE_T_ALARM,
     SIGN_AUC_ALARM,
     MetricAccumulator,
     leak_alarms,
@@ -108,8 +109,11 @@ DEFINITIONS = {
     ),
     "close_skill_fresh": "right_edge.close_skill_fresh = 1 - MAE_model / MAE_fresh over right-edge "
     "closes, fresh = the close of the newest visible bar of any timeframe (the last known price, "
-    "the best guess of a martingale); on the base timeframe it equals the last baseline",
-    "alarms": f"right_edge.close_skill_fresh > {RIGHT_EDGE_SKILL_ALARM} on any timeframe; sign "
+    "the best guess of a martingale); on the base timeframe it equals the last baseline; "
+    "close_skill_fresh_t = t statistic of the per-bar gain |e_fresh| - |e_model| (null below two "
+    "bars)",
+    "alarms": f"right_edge.close_skill_fresh > {RIGHT_EDGE_SKILL_ALARM} with close_skill_fresh_t "
+    f">= {RIGHT_EDGE_T_ALARM} on any timeframe (a few dozen bars do not make evidence); sign "
     f"probe AUC > {SIGN_AUC_ALARM} for any probe",
 }
 
