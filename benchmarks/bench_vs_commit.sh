@@ -20,6 +20,6 @@ for round in $(seq "$rounds"); do
     (cd "$root" && PYTHONPATH="$root/src" python benchmarks/bench_train.py --configs "$config" \
       --steps 20 --warmup 3 --threads 1 2>/dev/null | grep -iE "samples/s|step" || true)
     (cd "$root" && PYTHONPATH="$root/src" python benchmarks/bench_evaluation.py --config "$config" \
-      --rows 100000 --repeats 5 2>/dev/null | grep -iE "windows/s|total|metrics|forward" || true)
+      --repeats 5 2>/dev/null | grep -iE "windows/s|total|metrics|forward" || true)
   done
 done
