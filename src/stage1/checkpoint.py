@@ -82,7 +82,9 @@ def export_checkpoint(
     # The model's normaliser buffers ARE the checkpoint's statistics, whoever built the model.
     for key, name in (("norm_mean", "mean"), ("norm_std", "std")):
         if key in weights and name in normalizer_stats:
-            weights[key] = torch.as_tensor(normalizer_stats[name], dtype=weights[key].dtype)
+            value = torch.as_tensor(normalizer_stats[name], dtype=weights[key].dtype)
+            if value.shape == weights[key].shape:  # else the loader names the mismatch
+                weights[key] = value
     payload = {
         "format": EXPORT_FORMAT,
         "model_state_dict": weights,

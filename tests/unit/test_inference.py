@@ -42,9 +42,12 @@ def train_dataset(synthetic_data_dir: Path, config: DictConfig) -> Stage1Dataset
 
 
 @pytest.fixture(scope="module")
-def model(config: DictConfig) -> Stage1Model:
+def model(config: DictConfig, train_dataset: Stage1Dataset) -> Stage1Model:
+    """An untrained model holding the train split's normaliser, as training gives it."""
     torch.manual_seed(0)
-    return Stage1Model(config).eval()
+    model = Stage1Model(config).eval()
+    model.set_normalizer(train_dataset.normalizer.mean, train_dataset.normalizer.std)
+    return model
 
 
 @pytest.fixture(scope="module")
