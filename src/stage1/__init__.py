@@ -7,10 +7,16 @@ and does not load PyTorch until a model or dataset is used.
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any
 
 from stage1.config import load_config
 from stage1.errors import CheckpointError, ConfigError, DataValidationError, Stage1Error
+
+# The guide's MPI workaround, for every entry point: Lightning probes MPI at import, which fails
+# on some hosts (WSL). Set here, before any stage1 module can import Lightning or torch.distributed.
+for _var in ("PYTORCH_LIGHTNING_DISABLE_MPI", "OMPI_DISABLED", "I_MPI_DISABLED"):
+    os.environ.setdefault(_var, "1")
 
 __version__ = "0.1.0"
 

@@ -9,13 +9,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 from collections.abc import Sequence
-
-# The guide's MPI workaround: must be set before Lightning (or torch.distributed) is imported.
-for _var in ("PYTORCH_LIGHTNING_DISABLE_MPI", "OMPI_DISABLED", "I_MPI_DISABLED"):
-    os.environ.setdefault(_var, "1")
 
 COMMANDS = {
     "prepare": ("stage1.data.prepare", "run_prepare"),

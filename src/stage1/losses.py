@@ -289,15 +289,13 @@ class Stage1CombinedLoss(nn.Module):
         self.amp_phase = AmplitudePhaseCorrelationLoss()
 
     def _unit(self, scale: torch.Tensor | None) -> torch.Tensor | None:
-        """Normalised units per window (``scale [B, n_tf]``) or bar (``[B, n_tf, L]``) scale:
-        ``[B, n_tf, L|1, 6]``. A z-score error times the
-        normaliser std is a raw error; divided by the window's bar scale it counts bar ranges
-        (``body_ratio``, already scale-free, keeps raw units)."""
+        """Normalised units per bar scale (``scale [B, n_tf, L]``): ``[B, n_tf, L, 6]``. A
+        z-score error times the normaliser std is a raw error; divided by the bar's scale it
+        counts bar ranges (``body_ratio``, already scale-free, keeps raw units)."""
         if scale is None:
             return None
         std = self.cross_tf.norm_std  # [n_tf, 6]
-        per_bar = scale.float() if scale.dim() == 3 else scale.float()[..., None]  # [B, n_tf, L|1]
-        unit = per_bar[..., None] / std[None, :, None, :]
+        unit = scale.float()[..., None] / std[None, :, None, :]
         body = (1.0 / std[None, :, None, BODY_RATIO:]).expand(*unit.shape[:-1], 1)
         return torch.cat([unit[..., :BODY_RATIO], body], -1)
 
@@ -311,8 +309,8 @@ class Stage1CombinedLoss(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """reconstructed, targets: ``[B, n_tf, L, 6]``; masks: bool ``[B, n_tf, L]``;
         times: int64 ``[B, n_tf, L]`` bar open times in ns (UTC); scale (optional): the model's
-        visible bar scale ``[B, n_tf]`` or ``[B, n_tf, L]`` in raw log units (``Stage1Model``
-        output ``'scale'``)."""
+        visible bar scale ``[B, n_tf, L]`` in raw log units (``Stage1Model`` output
+        ``'scale'``)."""
         if reconstructed.shape != targets.shape or masks.shape != targets.shape[:-1]:
             raise ValueError(
                 f"loss inputs: reconstructed {tuple(reconstructed.shape)}, targets "

@@ -7,13 +7,6 @@ global RNG (dropout) is re-seeded from the same keys each step, so a run resumed
 Validation masks are keyed by (seed, batch, rank) only, so val loss is comparable across epochs.
 """
 
-import os
-
-# The guide's MPI workaround: Lightning probes MPI at import, which fails on some hosts (WSL).
-os.environ.setdefault("PYTORCH_LIGHTNING_DISABLE_MPI", "1")
-os.environ.setdefault("OMPI_DISABLED", "1")
-os.environ.setdefault("I_MPI_DISABLED", "1")
-
 import math
 from typing import Any
 

@@ -16,13 +16,6 @@ rank) only, so val loss is comparable across epochs.
 
 from __future__ import annotations
 
-import os
-
-# The guide's MPI workaround: Lightning probes MPI at import, which fails on some hosts (WSL).
-os.environ.setdefault("PYTORCH_LIGHTNING_DISABLE_MPI", "1")
-os.environ.setdefault("OMPI_DISABLED", "1")
-os.environ.setdefault("I_MPI_DISABLED", "1")
-
 import argparse
 from pathlib import Path
 from typing import Any
