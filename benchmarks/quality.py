@@ -96,6 +96,36 @@ VARIANTS: dict[str, Variant] = {
     "screen_no_scale": Variant(
         "cpu", [*SCREEN, "model.window_scale=false"], "z-scored inputs/outputs, no window scale"
     ),
+    "screen_time": Variant(
+        "cpu",
+        [*SCREEN, "model.time_features=true"],
+        "+ calendar inputs (time of day, day of week, bar age)",
+    ),
+    "screen_mask_040": Variant(
+        "cpu",
+        [*SCREEN, "masking.mask_ratio=0.4", "evaluation.mask_ratio=0.15"],
+        "train with 40 % of bars hidden (scored on the shipped 15 %)",
+    ),
+    "screen_time_mask_040": Variant(
+        "cpu",
+        [
+            *SCREEN,
+            "model.time_features=true",
+            "masking.mask_ratio=0.4",
+            "evaluation.mask_ratio=0.15",
+        ],
+        "calendar inputs and 40 % hidden in training (scored on 15 %)",
+    ),
+    "screen_time_mask_060": Variant(
+        "cpu",
+        [
+            *SCREEN,
+            "model.time_features=true",
+            "masking.mask_ratio=0.6",
+            "evaluation.mask_ratio=0.15",
+        ],
+        "calendar inputs and 60 % hidden in training (scored on 15 %)",
+    ),
     "screen_unsync": Variant(
         "cpu", [*SCREEN, "masking.sync_tf=false"], "unsynchronised training masks"
     ),

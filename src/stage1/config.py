@@ -81,6 +81,8 @@ class ModelConfig:
     prior: str = "agg"
     # Inputs/outputs in units of each window's visible bar range (+ hidden flag, log scale).
     window_scale: bool = True
+    # Calendar inputs from bar open times: time of day, day of week, age before the anchor.
+    time_features: bool = False
 
 
 @dataclass
@@ -169,6 +171,10 @@ class EvaluationConfig:
     n_plot_windows: int = 4
     # Score an evenly spaced subset of at most this many windows of the split (null = all).
     max_windows: int | None = None
+    # Share of bars hidden per timeframe when scoring (evaluate and validation); null = the
+    # training masks' masking.mask_ratio. Fixing it lets models trained on other masks be
+    # compared on one task.
+    mask_ratio: float | None = None
 
 
 @dataclass
@@ -278,6 +284,9 @@ def _validate(cfg: DictConfig) -> None:
         raise ConfigError("model.d_model: must be divisible by model.encoder.n_heads")
     if not 0 < cfg.masking.mask_ratio < 1:
         raise ConfigError(f"masking.mask_ratio: must lie in (0, 1), got {cfg.masking.mask_ratio}")
+    eval_ratio = cfg.evaluation.mask_ratio
+    if eval_ratio is not None and not 0 < eval_ratio < 1:
+        raise ConfigError(f"evaluation.mask_ratio: must lie in (0, 1) or be null, got {eval_ratio}")
     if not 1 <= cfg.masking.span_min_bars <= cfg.masking.span_max_bars:
         raise ConfigError("masking.span_min_bars: must be >= 1 and <= masking.span_max_bars")
     if not 0 <= cfg.masking.right_edge_ratio <= 1:

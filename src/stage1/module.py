@@ -19,7 +19,7 @@ from stage1.config import (
     as_config,
     config_to_dict,
 )
-from stage1.data.masking import MaskingStrategy
+from stage1.data.masking import MaskingStrategy, evaluation_masking
 from stage1.data.normalization import TFNormalizer
 from stage1.data.timeframes import sort_timeframes
 from stage1.errors import ConfigError, TrainingDivergedError
@@ -86,6 +86,9 @@ class Stage1LightningModule(L.LightningModule):
         self.masking = MaskingStrategy(
             self.config.masking, self.timeframes, int(self.config.data.seq_len)
         )
+        self.eval_masking = evaluation_masking(
+            self.config, self.timeframes, int(self.config.data.seq_len)
+        )
 
     def forward(
         self, features: torch.Tensor, masks: torch.Tensor, times: torch.Tensor | None = None
@@ -105,7 +108,7 @@ class Stage1LightningModule(L.LightningModule):
         generator = mask_generator(
             times.device, self.config.seed, _EVAL_STREAM, batch_idx, self.global_rank
         )
-        return self.masking.generate(times, generator, right_edge=0.0)
+        return self.eval_masking.generate(times, generator, right_edge=0.0)
 
     def _common_step(
         self, batch: dict[str, torch.Tensor], batch_idx: int, stage: str

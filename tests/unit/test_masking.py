@@ -11,10 +11,11 @@ import torch
 from stage1.config import load_config
 from stage1.data.features import DELTA_CLOSE, FeatureEngineer
 from stage1.data.io import load_tf_data
-from stage1.data.masking import MaskingStrategy, mask_model_input
+from stage1.data.masking import MaskingStrategy, evaluation_masking, mask_model_input
 from stage1.data.normalization import TFNormalizer
 from stage1.data.sampler import MultiTFWindowSampler
 from stage1.data.timeframes import tf_ns
+from stage1.errors import ConfigError
 
 TIMEFRAMES = ["m1", "m5", "m15", "m30", "h1", "h4"]
 
@@ -205,3 +206,28 @@ def test_hidden_values_change_nothing_the_model_receives_real(real_data_dir, syn
 def test_wrong_times_shape_is_rejected() -> None:
     with pytest.raises(ValueError, match=r"times must be \[B, 6, 16\]"):
         strategy(16).generate(torch.zeros(2, 6, 15, dtype=torch.long))
+
+
+def test_evaluation_scores_on_its_own_mask_ratio(frames) -> None:
+    """Training may hide 40 % while evaluate and validation score on evaluation.mask_ratio."""
+    cfg = load_config(
+        "test",
+        [
+            "data.seq_len=48",
+            "masking.sync_tf=false",
+            "masking.right_edge_ratio=0",
+            "masking.mask_ratio=0.4",
+            "evaluation.mask_ratio=0.15",
+        ],
+    )
+    times = window_times(frames, 48, n=1024)
+    gen = torch.Generator().manual_seed(0)
+    train = MaskingStrategy(cfg.masking, cfg.data.timeframes, 48).generate(times, gen)
+    scored = evaluation_masking(cfg, cfg.data.timeframes, 48).generate(times, gen)
+    # Every timeframe's realised share follows its strategy's ratio.
+    assert torch.all((train.float().mean(dim=(0, 2)) - 0.4).abs() <= 0.02)
+    assert torch.all((scored.float().mean(dim=(0, 2)) - 0.15).abs() <= 0.02)
+    unset = load_config("test", ["masking.mask_ratio=0.4"])
+    assert evaluation_masking(unset, unset.data.timeframes, 48).mask_ratio == 0.4
+    with pytest.raises(ConfigError, match=r"evaluation.mask_ratio: must lie in \(0, 1\)"):
+        load_config("test", ["evaluation.mask_ratio=1.5"])

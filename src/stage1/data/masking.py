@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from stage1.config import as_config
+from stage1.config import ConfigLike, as_config
 from stage1.data.features import DELTA_CLOSE
 from stage1.data.timeframes import sort_timeframes, tf_ns
 
@@ -55,13 +55,18 @@ class MaskingStrategy:
     """
 
     def __init__(
-        self, masking_cfg: Mapping[str, Any], timeframes: Sequence[str], seq_len: int
+        self,
+        masking_cfg: Mapping[str, Any],
+        timeframes: Sequence[str],
+        seq_len: int,
+        mask_ratio: float | None = None,
     ) -> None:
-        # The ``masking`` section alone (DictConfig or plain mapping), checked by the schema.
+        # The ``masking`` section alone (DictConfig or plain mapping), checked by the schema;
+        # ``mask_ratio`` replaces its ratio (the evaluation's, see ``evaluation_masking``).
         section = as_config({"masking": masking_cfg}).masking
         self.timeframes = sort_timeframes(list(timeframes))
         self.seq_len = seq_len
-        self.mask_ratio = float(section.mask_ratio)
+        self.mask_ratio = float(section.mask_ratio if mask_ratio is None else mask_ratio)
         self.sync_tf = bool(section.sync_tf)
         self.right_edge_ratio = float(getattr(section, "right_edge_ratio", 0.0))
         self.span_min_bars = int(section.span_min_bars)
@@ -170,3 +175,12 @@ class MaskingStrategy:
                 masks[:, j] |= counts > 0
             hidden_before.append(torch.cat([zero, masks[:, j].long().cumsum(-1)], -1))
         return masks
+
+
+def evaluation_masking(
+    config: ConfigLike, timeframes: Sequence[str], seq_len: int
+) -> MaskingStrategy:
+    """The masks ``stage1 evaluate`` and validation score on: the training spans and sync rule
+    with ``evaluation.mask_ratio`` (when set) as the hidden share."""
+    config = as_config(config)
+    return MaskingStrategy(config.masking, timeframes, seq_len, config.evaluation.mask_ratio)

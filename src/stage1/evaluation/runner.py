@@ -28,6 +28,7 @@ from stage1.config import ConfigLike, as_config, config_hash, config_to_dict, lo
 from stage1.data.dataset import Stage1Dataset, build_sampler, build_splits
 from stage1.data.features import FeatureEngineer
 from stage1.data.io import load_tf_data
+from stage1.data.masking import evaluation_masking
 from stage1.data.normalization import TFNormalizer
 from stage1.data.timeframes import tf_ns
 from stage1.errors import ConfigError, DataValidationError
@@ -190,7 +191,8 @@ def probe_features(
         raw = normalizer.denormalize(features)
         chunks["raw"].append(window_summary_features(raw.numpy(), features.numpy()))
         for name, model in models.items():
-            pooled = pool_embeddings(model.encode(features.to(device)), "mean").float()
+            encoded = model.encode(features.to(device), times=batch["times"].to(device))
+            pooled = pool_embeddings(encoded, "mean").float()
             chunks[name].append(pooled.cpu().numpy())
     return {name: np.concatenate(parts) for name, parts in chunks.items()}
 
@@ -251,12 +253,13 @@ def reconstruct_split(
     plot_rows = set(np.linspace(0, len(positions) - 1, n_plot).round().astype(int).tolist())
     kept: dict[str, list[Any]] = {k: [] for k in ("ids", "truth", "pred", "interp", "masks")}
     mask_sample: list[np.ndarray] = []
+    masking = evaluation_masking(config, dataset.sampler.timeframes, dataset.sampler.seq_len)
     label = "synchronised" if sync else "unsynchronised"
     progress = tqdm(total=len(positions), desc=f"evaluate {dataset.split} ({label})", unit="win")
     for start in range(0, len(positions), EVAL_BATCH_SIZE):
         batch = dataset.get_batch(positions[start : start + EVAL_BATCH_SIZE])
         truth = normalizer.denormalize(batch["targets"]).double()
-        masks = dataset.masking.generate(
+        masks = masking.generate(
             batch["times"].to(device), generator=generator, sync=sync, right_edge=0.0
         )
         out = model(batch["features"].to(device), masks, batch["times"].to(device))
@@ -353,7 +356,11 @@ def evaluate_checkpoint(
         "masking": {
             "synchronised": sync,
             "seed": int(config.evaluation.seed),
-            "mask_ratio": float(config.masking.mask_ratio),
+            "mask_ratio": float(
+                config.masking.mask_ratio
+                if config.evaluation.mask_ratio is None
+                else config.evaluation.mask_ratio
+            ),
             "span_min_bars": int(config.masking.span_min_bars),
             "span_max_bars": int(config.masking.span_max_bars),
             "batch_size": EVAL_BATCH_SIZE,

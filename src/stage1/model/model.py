@@ -39,6 +39,11 @@ from stage1.model.stem import TFSpecificStem, apply_stems
 PRIORS = ("agg", "bridge", "none")
 # Extra input channels with window_scale: hidden flag, log(scale / typical bar move).
 N_SCALE_CHANNELS = 2
+# Extra input channels with time_features: sin/cos of the time of day and of the day of the
+# week of each bar's open, and its age (anchor - close) in window lengths of its timeframe.
+N_TIME_CHANNELS = 5
+NS_PER_MINUTE = 60_000_000_000
+MINUTES_PER_DAY = 1440
 
 
 class Stage1Model(nn.Module):
@@ -75,7 +80,12 @@ class Stage1Model(nn.Module):
             raise ConfigError(f"model.prior: {self.prior!r} is not one of {list(PRIORS)}")
         self.window_scale = bool(model_cfg.window_scale)
         self.durations_ns = [tf_ns(tf) for tf in sort_timeframes(list(config.data.timeframes))]
-        in_features = N_FEATURES + (N_SCALE_CHANNELS if self.window_scale else 0)
+        self.time_features = bool(model_cfg.time_features)
+        in_features = (
+            N_FEATURES
+            + (N_SCALE_CHANNELS if self.window_scale else 0)
+            + (N_TIME_CHANNELS if self.time_features else 0)
+        )
         self.register_buffer("norm_mean", torch.zeros(self.n_tf, N_FEATURES))
         self.register_buffer("norm_std", torch.ones(self.n_tf, N_FEATURES))
 
@@ -151,6 +161,7 @@ class Stage1Model(nn.Module):
             raise ValueError(
                 f"Stage1Model input: times must be {tuple(x.shape[:-1])}, got {tuple(times.shape)}"
             )
+        nothing_hidden = masks is None  # encoding for inference: no fill to compute
         if masks is None:
             masks = torch.zeros(x.shape[:-1], dtype=torch.bool, device=x.device)
         visible = mask_model_input(x, masks)
@@ -158,7 +169,9 @@ class Stage1Model(nn.Module):
         std = self.norm_std[:, None, :].to(x.dtype)
         raw = visible * std + mean
         source = None  # timeframe each hidden bar's fill was built from (agg prior)
-        if self.prior == "agg" and times is not None:
+        if nothing_hidden:
+            fill = raw
+        elif self.prior == "agg" and times is not None:
             fill, source = agg_fill(raw, masks, times, self.durations_ns)
         elif self.prior != "none":
             fill = bridge_fill(raw, masks)
@@ -196,7 +209,28 @@ class Stage1Model(nn.Module):
             inputs = torch.cat(
                 [inputs, hidden.to(x.dtype), log_scale.expand(*inputs.shape[:-1], 1)], dim=-1
             )
+        if self.time_features:
+            if times is None:
+                raise ValueError(
+                    "Stage1Model input: this model has model.time_features=true and needs "
+                    "times (bar open times, int64 ns [B, n_tf, L])"
+                )
+            inputs = torch.cat([inputs, self._time_channels(times).to(x.dtype)], dim=-1)
         return inputs, extra
+
+    def _time_channels(self, times: torch.Tensor) -> torch.Tensor:
+        """``[B, n_tf, L, 5]`` from open times only (known for hidden bars too): time of day and
+        day of week as points on the circle, and each bar's age before the window's anchor."""
+        minutes = torch.div(times, NS_PER_MINUTE, rounding_mode="floor")  # exact in int64
+        minute_of_day = torch.remainder(minutes, MINUTES_PER_DAY).float()
+        # 1970-01-01 was a Thursday: +3 days puts Monday 00:00 at phase 0.
+        minute_of_week = torch.remainder(minutes + 3 * MINUTES_PER_DAY, 7 * MINUTES_PER_DAY)
+        day = minute_of_day * (2 * torch.pi / MINUTES_PER_DAY)
+        week = minute_of_week.float() * (2 * torch.pi / (7 * MINUTES_PER_DAY))
+        durations = torch.tensor(self.durations_ns, device=times.device)[None, :, None]
+        anchor = times[:, :1, -1:] + durations[:, :1]
+        age = (anchor - times - durations).float() / (durations * self.seq_len).float()
+        return torch.stack([day.sin(), day.cos(), week.sin(), week.cos(), age], dim=-1)
 
     def encode(
         self, x: torch.Tensor, masks: torch.Tensor | None = None, times: torch.Tensor | None = None

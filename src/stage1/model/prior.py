@@ -44,12 +44,13 @@ def masked_median(values: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """Median over the last dim of the VISIBLE entries (``masks`` False); 0 where none is.
 
     For an even count it is the mean of the two middle values, like ``np.nanmedian`` (the
-    evaluation's baselines): ``torch.nanmedian`` gives the lower one, its negation of the negated
-    values the upper one."""
-    hidden_nan = values.masked_fill(masks, float("nan"))
-    lower = torch.nanmedian(hidden_nan, dim=-1).values
-    upper = -torch.nanmedian(-hidden_nan, dim=-1).values
-    return (0.5 * (lower + upper)).nan_to_num(0.0)
+    evaluation's baselines): one sort with hidden entries pushed to the end, then the two
+    middle visible entries (the same one for an odd count)."""
+    ordered = values.masked_fill(masks, float("inf")).sort(dim=-1).values
+    count = (~masks).sum(-1, keepdim=True)
+    lower = ordered.gather(-1, ((count - 1) // 2).clamp(min=0))
+    upper = ordered.gather(-1, (count // 2).clamp(max=values.shape[-1] - 1))
+    return torch.where(count > 0, 0.5 * (lower + upper), 0.0).squeeze(-1)
 
 
 def bridge_fill(raw: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -123,7 +124,6 @@ def agg_fill(
     batch, n_tf, seq_len, n_feat = raw.shape
     zero = torch.zeros(batch, n_tf, 1, dtype=torch.long, device=raw.device)
     visible_before = torch.cat([zero, (~masks).long().cumsum(-1)], dim=-1)  # [B, n_tf, L + 1]
-    positions = torch.arange(seq_len, device=raw.device)
     out = [bridges[:, 0]]
     sources = [torch.zeros_like(masks[:, 0], dtype=torch.long)]
     for k in range(1, n_tf):
@@ -135,22 +135,44 @@ def agg_fill(
         before = visible_before[:, :k]
         has_visible = (before.gather(-1, hi) - before.gather(-1, lo)) > 0  # [B, k, L]
         spans_start = has_visible & (finer_open[..., :1] <= start[:, None, :])
-        # first True along the finest-first timeframe axis (argmax returns the first maximum)
-        source = torch.where(
-            spans_start.any(1), spans_start.long().argmax(1), has_visible.long().argmax(1)
-        )  # [B, L]
-        covered = has_visible.any(1) & masks[:, k]
+        # The finest timeframe whose visible bars span the start, else the finest with any
+        # (k if none): a loop over the few finer timeframes, as reductions along a middle dim
+        # are slow on CPU.
+        first_spanning = torch.full_like(lo[:, 0], k)
+        first_visible = torch.full_like(lo[:, 0], k)
+        for j in range(k - 1, -1, -1):
+            first_spanning = torch.where(spans_start[:, j], j, first_spanning)
+            first_visible = torch.where(has_visible[:, j], j, first_visible)
+        source = torch.where(first_spanning < k, first_spanning, first_visible % k)  # [B, L]
+        covered = (first_visible < k) & masks[:, k]
         lo_s = lo.gather(1, source[:, None]).squeeze(1)
         hi_s = hi.gather(1, source[:, None]).squeeze(1)
-        index = source[:, :, None, None].expand(-1, -1, seq_len, n_feat)
-        src = bridges[:, :k].gather(1, index)  # [B, L coarse, L fine, 6]
-        inside = (positions >= lo_s[..., None]) & (positions < hi_s[..., None])
-        first = lo_s.clamp(0, seq_len - 1)[..., None]
-        last = (hi_s - 1).clamp(min=0)[..., None]
-        agg_open = src[..., OPEN].gather(-1, first).squeeze(-1)
-        agg_close = src[..., CLOSE].gather(-1, last).squeeze(-1)
-        agg_high = torch.where(inside, src[..., HIGH], -torch.inf).amax(-1)
-        agg_low = torch.where(inside, src[..., LOW], torch.inf).amin(-1)
+        # Open and close are single bars of the source: gather them from the flattened
+        # [k * L] axis.
+        flat = bridges[:, :k].reshape(batch, k * seq_len, n_feat)
+        first = source * seq_len + lo_s.clamp(0, seq_len - 1)
+        last = source * seq_len + (hi_s - 1).clamp(min=0)
+        agg_open = flat[..., OPEN].gather(-1, first)
+        agg_close = flat[..., CLOSE].gather(-1, last)
+        # High and low: each finer bar lies in at most one coarse period, so a scatter-max
+        # per finer timeframe gives every period's extremes in O(L), then the source's are kept.
+        agg_high = torch.full_like(agg_open, -torch.inf)
+        agg_low = torch.full_like(agg_open, torch.inf)
+        coarse_start = start.contiguous()
+        for j in range(k):
+            period = torch.searchsorted(coarse_start, times[:, j].contiguous(), right=True) - 1
+            period = period.clamp(min=0)
+            inside = (times[:, j] >= coarse_start.gather(-1, period)) & (
+                times[:, j] < end.gather(-1, period)
+            )
+            high_j = torch.where(inside, bridges[:, j, :, HIGH], -torch.inf)
+            low_j = torch.where(inside, bridges[:, j, :, LOW], torch.inf)
+            high_j = torch.full_like(agg_high, -torch.inf).scatter_reduce(
+                -1, period, high_j, "amax"
+            )
+            low_j = torch.full_like(agg_low, torch.inf).scatter_reduce(-1, period, low_j, "amin")
+            agg_high = torch.where(source == j, high_j, agg_high)
+            agg_low = torch.where(source == j, low_j, agg_low)
         bridge = bridges[:, k]
         partial = ~spans_start.gather(1, source[:, None]).squeeze(1)
         agg_open = torch.where(partial, bridge[..., OPEN], agg_open)
