@@ -106,6 +106,11 @@ VARIANTS: dict[str, Variant] = {
         [*SCREEN, "masking.mask_ratio=0.4", "evaluation.mask_ratio=0.15"],
         "train with 40 % of bars hidden (scored on the shipped 15 %)",
     ),
+    "screen_mask_030": Variant(
+        "cpu",
+        [*SCREEN, "masking.mask_ratio=0.3", "evaluation.mask_ratio=0.15"],
+        "train with 30 % of bars hidden (scored on the shipped 15 %)",
+    ),
     "screen_time_mask_040": Variant(
         "cpu",
         [

@@ -156,9 +156,12 @@ class _Check:
         restored = Stage1Model(checkpoint["config"])
         restored.load_state_dict(checkpoint["model_state_dict"])
         restored.eval()
-        x = self.state["dataset"].get_batch(range(4))["features"]
+        batch = self.state["dataset"].get_batch(range(4))
+        x, times = batch["features"], batch["times"]
         with torch.no_grad():
-            same = torch.equal(model(x)["encoded"], restored(x)["encoded"])
+            same = torch.equal(
+                model(x, None, times)["encoded"], restored(x, None, times)["encoded"]
+            )
         _expect(same, "reloaded model gives different outputs")
         self.state["checkpoint"] = path
         return "export -> torch.load -> Stage1Model(checkpoint['config']): identical outputs"

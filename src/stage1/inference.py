@@ -218,11 +218,14 @@ class Stage1InferenceEngine:
     ) -> torch.Tensor:
         """Embeddings of ``sampler``'s windows, float32 on CPU: ``[B, n_tf, latent_len,
         d_model]`` or pooled ``[B, D]``. Features exactly as ``Stage1Dataset.get_batch`` builds
-        them (gather → process_batch → normalize, on CPU), then ``model.encode(features)``."""
-        ohlc, _ = sampler.gather(window_ids)
+        them (gather → process_batch → normalize, on CPU), then ``model.encode(features)``
+        (with the bar open times, for a model with ``model.time_features``)."""
+        ohlc, times = sampler.gather(window_ids)
         features = self.window_features(ohlc)
         with torch.inference_mode():
-            encoded = self.model.encode(features.to(self.device))
+            encoded = self.model.encode(
+                features.to(self.device), times=torch.from_numpy(times).to(self.device)
+            )
             embeddings = pool_embeddings(encoded, pool).float().cpu()
         # A clone made outside inference mode is an ordinary tensor, so an agent may feed it
         # to a network it trains (inference tensors refuse to be saved for backward).

@@ -22,12 +22,14 @@ ENCODER_POOLS = ("mean", "last", "flatten")
 
 
 class Stage1Encoder(nn.Module):
-    """``forward(ohlc [B, n_tf, seq_len, 4] float64 prices) -> [B, dim]`` float32.
+    """``forward(ohlc [B, n_tf, seq_len, 4] float64 prices, times=None) -> [B, dim]`` float32.
 
     ``ohlc`` holds the window's bars per timeframe (finest first, oldest → newest), as
     ``MultiTFWindowSampler.gather`` returns them; prices may be divided by any positive
     constant per window (features are log prices relative to the window's first open, so the
-    embedding does not change beyond float rounding).
+    embedding does not change beyond float rounding). ``times`` (bar open times, int64 ns
+    ``[B, n_tf, seq_len]``, as ``gather`` returns them) is needed only by a checkpoint trained
+    with ``model.time_features``.
 
     Frozen (the default): parameters have ``requires_grad=False``, the model stays in eval mode
     whatever ``train()`` is called with (no dropout inside an RL policy's training mode), and
@@ -75,7 +77,11 @@ class Stage1Encoder(nn.Module):
             self.model.eval()
         return self
 
-    def forward(self, ohlc: torch.Tensor | npt.NDArray[np.float64]) -> torch.Tensor:
+    def forward(
+        self,
+        ohlc: torch.Tensor | npt.NDArray[np.float64],
+        times: torch.Tensor | npt.NDArray[np.int64] | None = None,
+    ) -> torch.Tensor:
         shape = tuple(ohlc.shape)
         if len(shape) != 4 or shape[1:] != self.input_shape:
             raise ValueError(
@@ -89,6 +95,7 @@ class Stage1Encoder(nn.Module):
         else:
             out_device = device
         features = self.engine.window_features(ohlc).to(device)
+        bar_times = None if times is None else torch.as_tensor(times, device=device)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
-            embedding = pool_embeddings(self.model.encode(features), self.pool)
+            embedding = pool_embeddings(self.model.encode(features, times=bar_times), self.pool)
         return embedding.to(out_device)
