@@ -34,7 +34,26 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
             "wrong time zone is caught. Nothing is written when validation fails."
         ),
     )
-    p.add_argument("--input", required=True, help="M1 file (.csv, .txt or .parquet)")
+    p.add_argument(
+        "--input",
+        required=True,
+        nargs="+",
+        help="M1 file(s) of one instrument (.csv, .txt or .parquet), or a quoted glob such as "
+        "'DAT_ASCII_EURUSD_M1_20*.csv'; concatenated in time order",
+    )
+    p.add_argument(
+        "--instrument",
+        default=None,
+        help="instrument name for the manifest (default: from the file names, e.g. "
+        "DAT_ASCII_EURUSD_M1_2019 -> EURUSD; required when they do not name one)",
+    )
+    p.add_argument(
+        "--overlap",
+        default="error",
+        choices=["error", "identical"],
+        help="input files whose periods overlap: error (default), or identical (a bar several "
+        "files hold is kept once if they agree exactly; any difference is an error)",
+    )
     p.add_argument("--out", required=True, help="output data directory")
     p.add_argument("--tz", default="UTC", help="time zone of the input timestamps (IANA name)")
     p.add_argument(
