@@ -77,7 +77,13 @@ def _add_config_args(p: argparse.ArgumentParser, config_required: bool = True) -
         required=config_required,
         help="YAML config (path, or a shipped name: test, demo, base, ...)",
     )
-    p.add_argument("--data_dir", required=True, help="derived data directory (see stage1 prepare)")
+    p.add_argument(
+        "--data_dir",
+        required=True,
+        action="append",
+        help="derived data directory (see stage1 prepare): one instrument's, or a root with one "
+        "directory per instrument; repeat the flag for several",
+    )
     p.add_argument(
         "overrides",
         nargs="*",
@@ -132,7 +138,13 @@ def _add_encode(sub: argparse._SubParsersAction) -> None:
         description="Encode every valid window in a time range with a trained checkpoint.",
     )
     p.add_argument("--ckpt", required=True, help="stage1_best.pth export or Lightning .ckpt")
-    p.add_argument("--data_dir", required=True, help="derived data directory")
+    p.add_argument(
+        "--data_dir",
+        required=True,
+        action="append",
+        help="derived data directory, or a root of instrument directories (one output file per "
+        "instrument: <out>_<INSTRUMENT>.parquet); repeat the flag for several",
+    )
     p.add_argument("--out", required=True, help="output .parquet, or .npy (+ _timestamps.npy)")
     p.add_argument("--start", default=None, help="first anchor time (UTC), e.g. 2019-06-01")
     p.add_argument("--end", default=None, help="last anchor time (UTC)")

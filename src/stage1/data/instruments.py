@@ -8,19 +8,33 @@ A data directory is either one instrument (it holds the ``{tf}.parquet`` files i
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
+import shutil
+import tempfile
+import warnings
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeAlias
 
 import numpy as np
 import numpy.typing as npt
+import pandas as pd
+import pyarrow
+import pyarrow.parquet as pq
 
-from stage1.data.io import find_tf_file
+from stage1.data.io import OHLC, file_sha256, find_tf_file, read_bars, validate_bars
+from stage1.data.sampler import BarBlocks
+from stage1.data.timeframes import sort_timeframes
 from stage1.errors import ConfigError, DataValidationError
 
 MANIFEST = "manifest.json"
+# What ``data_dir`` may be: one directory (an instrument or a root) or several.
+DataDirs: TypeAlias = str | Path | Sequence[str | Path]
 # ISO 4217 codes of traded currencies and metals: a 6-letter token of two of them is a pair.
 _CODES = "USD EUR JPY GBP CHF AUD NZD CAD SEK NOK DKK PLN HUF CZK TRY ZAR MXN SGD HKD CNH CNY RUB"
 _CURRENCIES = frozenset(f"{_CODES} INR KRW THB ILS BRL XAU XAG XPT XPD".split(" "))
@@ -80,7 +94,7 @@ def _name_of(directory: Path) -> str:
 
 
 def find_instruments(
-    data_dirs: str | Path | Sequence[str | Path],
+    data_dirs: DataDirs,
     timeframes: Sequence[str],
     selected: Sequence[str] | None = None,
 ) -> list[Instrument]:
@@ -121,11 +135,7 @@ def find_instruments(
         found = {name: found[name] for name in selected}
     instruments = [found[name] for name in sorted(found)]
     for instrument in instruments:
-        for tf in timeframes:
-            try:
-                find_tf_file(instrument.path, tf)
-            except DataValidationError as exc:
-                raise DataValidationError(f"instrument {instrument.name}: {exc}") from exc
+        _tf_files(instrument, timeframes)
     return instruments
 
 
@@ -148,3 +158,174 @@ def balanced_order(
         cycled = np.concatenate([rng.permutation(members) for _ in range(repeats)])
         picks.append(cycled[: quota[g]])
     return rng.permutation(np.concatenate(picks)).astype(np.int64)
+
+
+# ------------------------------------------------------------------------------ bar arrays
+# Bump when the cached bar files' layout or meaning changes, so old ones are never read.
+BARS_FORMAT_VERSION = 1
+_BLOCKS_FILE = "blocks.json"
+
+
+def _tf_files(instrument: Instrument, timeframes: Sequence[str]) -> list[Path]:
+    try:
+        return [find_tf_file(instrument.path, tf) for tf in timeframes]
+    except DataValidationError as exc:
+        raise DataValidationError(f"instrument {instrument.name}: {exc}") from exc
+
+
+def _read_arrays(path: Path) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
+    """One timeframe file, validated (SPEC §1): open times int64 ns, OHLC float64 ``[rows, 4]``."""
+    bars = read_bars(path)
+    validate_bars(bars, str(path))
+    open_ns = np.asarray(pd.DatetimeIndex(bars.index).as_unit("ns").asi8, dtype=np.int64)
+    ohlc = np.ascontiguousarray(bars[list(OHLC)].to_numpy(dtype=np.float64))
+    del bars
+    # Reading Parquet leaves Arrow's freed buffers cached in its allocator (about the size of
+    # the data); give them back to the OS before the next file.
+    pyarrow.default_memory_pool().release_unused()
+    return open_ns, ohlc
+
+
+def _bars_key(
+    instruments: Sequence[Instrument], timeframes: Sequence[str], files: list[list[Path]]
+) -> str:
+    """Digest of the bar files' bytes (sha256 each, two at a time), the instruments and the
+    timeframes: any change of content gives another key, so a stale cache cannot be read."""
+    flat = [path for paths in files for path in paths]
+    with ThreadPoolExecutor(max_workers=2) as pool:  # hashlib releases the GIL
+        hashes = iter(pool.map(file_sha256, flat))
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(f"bars-v{BARS_FORMAT_VERSION}|{list(timeframes)}".encode())
+    for instrument, paths in zip(instruments, files, strict=True):
+        for tf, _ in zip(timeframes, paths, strict=True):
+            digest.update(f"|{instrument.name}|{tf}|{next(hashes)}".encode())
+    return digest.hexdigest()
+
+
+def _starts(rows: list[list[int]]) -> npt.NDArray[np.int64]:
+    """Block starts ``[n_instruments + 1, n_tf]`` from rows per instrument and timeframe."""
+    counts = np.asarray(rows, dtype=np.int64).reshape(len(rows), -1)
+    return np.concatenate([np.zeros((1, counts.shape[1]), np.int64), np.cumsum(counts, axis=0)])
+
+
+def _blocks_in_memory(
+    instruments: Sequence[Instrument], timeframes: list[str], files: list[list[Path]]
+) -> BarBlocks:
+    arrays = [[_read_arrays(path) for path in paths] for paths in files]
+    open_ns, ohlc = [], []
+    for k in range(len(timeframes)):
+        parts = [per_tf[k] for per_tf in arrays]
+        open_ns.append(parts[0][0] if len(parts) == 1 else np.concatenate([p[0] for p in parts]))
+        ohlc.append(parts[0][1] if len(parts) == 1 else np.concatenate([p[1] for p in parts]))
+    starts = _starts([[len(per_tf[k][0]) for k in range(len(timeframes))] for per_tf in arrays])
+    return BarBlocks(timeframes, open_ns, ohlc, [i.name for i in instruments], starts)
+
+
+def _build_cached(
+    directory: Path,
+    instruments: Sequence[Instrument],
+    timeframes: list[str],
+    files: list[list[Path]],
+) -> None:
+    """Write the bars of every instrument into one ``.npy`` pair per timeframe (open times,
+    OHLC) in a temporary directory, one file at a time, then rename it into place."""
+    rows = [[pq.ParquetFile(path).metadata.num_rows for path in paths] for paths in files]
+    starts = _starts(rows)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        mapped = []
+        for k, tf in enumerate(timeframes):
+            total = int(starts[-1, k])
+            open_file = tmp / f"{tf}_open.npy"
+            ohlc_file = tmp / f"{tf}_ohlc.npy"
+            mapped.append(
+                (
+                    np.lib.format.open_memmap(open_file, "w+", np.int64, (total,)),
+                    np.lib.format.open_memmap(ohlc_file, "w+", np.float64, (total, 4)),
+                )
+            )
+        for i, paths in enumerate(files):
+            for k, path in enumerate(paths):
+                open_ns, ohlc = _read_arrays(path)
+                if len(open_ns) != rows[i][k]:
+                    raise DataValidationError(f"{path}: changed while it was being read")
+                block = slice(int(starts[i, k]), int(starts[i + 1, k]))
+                mapped[k][0][block], mapped[k][1][block] = open_ns, ohlc
+        for arrays in mapped:
+            for array in arrays:
+                array.flush()
+        del mapped
+        meta = {
+            "instruments": [instrument.name for instrument in instruments],
+            "timeframes": timeframes,
+            "starts": starts.tolist(),
+            "sources": [[str(path) for path in paths] for paths in files],
+        }
+        (tmp / _BLOCKS_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+        tmp.chmod(0o755)
+        try:
+            os.replace(tmp, directory)
+        except OSError:
+            if not (directory / _BLOCKS_FILE).is_file():
+                raise
+            # Another process (a DDP rank) published the same content first: keep its copy.
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _open_cached(
+    directory: Path, instruments: Sequence[Instrument], timeframes: list[str], key: str
+) -> BarBlocks:
+    """The cached bars, memory-mapped read-only; ValueError if they do not fit."""
+    meta = json.loads((directory / _BLOCKS_FILE).read_text())
+    names = [instrument.name for instrument in instruments]
+    if meta["instruments"] != names or meta["timeframes"] != timeframes:
+        raise ValueError("instruments or timeframes differ from the request")
+    starts = np.asarray(meta["starts"], dtype=np.int64)
+    if starts.shape != (len(names) + 1, len(timeframes)):
+        raise ValueError(f"block table has shape {starts.shape}")
+    open_ns, ohlc = [], []
+    for k, tf in enumerate(timeframes):
+        times = np.load(directory / f"{tf}_open.npy", mmap_mode="r", allow_pickle=False)
+        prices = np.load(directory / f"{tf}_ohlc.npy", mmap_mode="r", allow_pickle=False)
+        rows = int(starts[-1, k])
+        if times.shape != (rows,) or times.dtype != np.int64:
+            raise ValueError(f"{tf}_open.npy has shape {times.shape} {times.dtype}, not ({rows},)")
+        if prices.shape != (rows, 4) or prices.dtype != np.float64:
+            raise ValueError(f"{tf}_ohlc.npy has shape {prices.shape}, not ({rows}, 4)")
+        open_ns.append(times)
+        ohlc.append(prices)
+    return BarBlocks(timeframes, open_ns, ohlc, names, starts, content_key=key)
+
+
+def load_bar_blocks(
+    instruments: Sequence[Instrument],
+    timeframes: Sequence[str],
+    cache_dir: str | Path | None = None,
+) -> BarBlocks:
+    """Every instrument's bars for ``timeframes`` in one row space per timeframe.
+
+    Without ``cache_dir``: read and validated into memory. With it: memory-mapped ``.npy`` files
+    in ``cache_dir/bars_<key>/``, built once (validated, written to a temporary directory and
+    renamed) and keyed by the sha256 of every bar file's bytes, the instrument names and the
+    timeframes; a cache that does not fit is rebuilt with a warning. Pages of a memory-mapped
+    file are shared by every process that maps it (DDP ranks on one node) and are not
+    anonymous memory.
+    """
+    ordered = sort_timeframes(list(timeframes))
+    files = [_tf_files(instrument, ordered) for instrument in instruments]
+    if cache_dir is None:
+        return _blocks_in_memory(instruments, ordered, files)
+    key = _bars_key(instruments, ordered, files)
+    directory = Path(cache_dir) / f"bars_{key}"
+    if directory.is_dir():
+        try:
+            return _open_cached(directory, instruments, ordered, key)
+        except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
+            warnings.warn(
+                f"bar cache {directory} is unreadable ({exc}); rebuilding it", stacklevel=2
+            )
+            shutil.rmtree(directory, ignore_errors=True)
+    _build_cached(directory, instruments, ordered, files)
+    return _open_cached(directory, instruments, ordered, key)

@@ -567,13 +567,15 @@ def prepare(
     force: bool = False,
     instrument: str | None = None,
     overlap: str = "error",
+    require_instrument: bool = False,
 ) -> dict[str, Any]:
     """Convert the M1 file(s) of one instrument into a derived data directory; return the
     manifest (also saved).
 
     ``input_path``: a file, a glob pattern, or a list of them (concatenated in time order, see
     the module docstring). ``instrument``: written to the manifest with its pip size; None:
-    guessed from the file names (``DAT_ASCII_EURUSD_M1_2019.csv``), else left null. Builds
+    guessed from the file names (``DAT_ASCII_EURUSD_M1_2019.csv``), else left null, or, with
+    ``require_instrument`` (the CLI), an error once the bars are read and valid. Builds
     everything in a temporary directory beside ``out_dir`` and renames it into place at the
     end, so a failure leaves ``out_dir`` as it was (absent, or untouched). An existing,
     non-empty ``out_dir`` is replaced only with ``force``.
@@ -601,6 +603,12 @@ def prepare(
             parts.append((path, bars))
             formats.add(detected)
             progress.update(1)
+        if instrument is None and require_instrument:
+            names = ", ".join(str(path) for path in inputs)
+            raise Stage1Error(
+                f"--instrument: the file name(s) ({names}) do not name a pair such as EURUSD; "
+                "give --instrument NAME"
+            )
         parts.sort(key=lambda part: part[1].index[0])  # time order, whatever the input order
         m1 = _concatenate(parts, overlap)
         if len(parts) > 1:  # each file is valid; the seams must be too
@@ -674,12 +682,6 @@ def format_summary(manifest: dict[str, Any], out_dir: str | Path) -> str:
 
 def run_prepare(args: argparse.Namespace) -> None:
     """CLI entry point of ``stage1 prepare``."""
-    instrument = args.instrument or instrument_from_names(expand_inputs(args.input))
-    if instrument is None:
-        raise Stage1Error(
-            f"--instrument: the file name(s) ({', '.join(map(str, args.input))}) do not name a "
-            "pair such as EURUSD; give --instrument NAME"
-        )
     manifest = prepare(
         args.input,
         args.out,
@@ -687,7 +689,8 @@ def run_prepare(args: argparse.Namespace) -> None:
         fmt=args.format,
         timeframes=args.timeframes,
         force=args.force,
-        instrument=instrument,
+        instrument=args.instrument,
         overlap=args.overlap,
+        require_instrument=True,
     )
     print(format_summary(manifest, args.out))
