@@ -292,3 +292,23 @@ def test_window_batch_sampler_with_groups_keeps_rank_shards_disjoint() -> None:
 def test_instrument_mixing_value_is_checked() -> None:
     with pytest.raises(ConfigError, match=r"data.instrument_mixing: 'even' is not size\|uniform"):
         load_config("test", ["data.instrument_mixing=even"])
+
+
+def test_probe_horizons_stop_at_the_end_of_their_instrument(sampler: MultiTFWindowSampler) -> None:
+    """Rows of the next instrument follow an instrument's last bar in the shared row space; a
+    probe target must not read them."""
+    from stage1.evaluation.probe import probe_targets
+
+    open_ns, ohlc = sampler.timeframe_bars(0)
+    ids = np.arange(len(sampler))
+    end_rows = sampler.end_rows[ids, 0]
+    row_end = sampler.block_starts[sampler.instrument_of(ids) + 1, 0]
+    horizon = 15
+    _, _, valid = probe_targets(ohlc[:, 3], open_ns, end_rows, horizon, 60_000_000_000, row_end)
+    assert valid.any()
+    assert np.all(end_rows[valid] + horizon < row_end[valid])
+    crossing = end_rows + horizon >= row_end
+    assert crossing.any() and not valid[crossing].any()
+    # Without the bound the next instrument's (earlier) bars pass the gap rule: the bug it stops.
+    _, _, unbounded = probe_targets(ohlc[:, 3], open_ns, end_rows, horizon, 60_000_000_000)
+    assert unbounded[crossing].any()
