@@ -202,7 +202,12 @@ class WindowBatchSampler(Sampler[np.ndarray]):
         if self.shuffle:
             rng = np.random.default_rng(self.seed + self.epoch)
             if self.groups is None:
-                order = rng.permutation(self.n_windows)
+                # rng.permutation(n), in int32 when it fits: the same order, half the memory
+                # (an epoch of tens of millions of windows).
+                order = np.arange(
+                    self.n_windows, dtype=np.int32 if self.n_windows < 2**31 else np.int64
+                )
+                rng.shuffle(order)
             else:
                 order = balanced_order(self.groups, rng)
             usable = self.n_windows // self.world_size * self.world_size

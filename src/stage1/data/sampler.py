@@ -391,8 +391,14 @@ class MultiTFWindowSampler:
         return first
 
     def period_ns(self, window_ids: npt.ArrayLike) -> tuple[int, int]:
-        """``(oldest bar open, newest anchor)`` over ``window_ids`` (UTC ns), in chunks."""
+        """``(oldest bar open, newest anchor)`` over ``window_ids`` (UTC ns). Increasing ids
+        (a split) need only each instrument's first and last window (oldest open and anchor
+        grow with the id inside an instrument); any others are scanned in chunks."""
         ids = np.asarray(window_ids)
+        if len(ids) > 1 and bool(np.all(ids[1:] > ids[:-1])):
+            bounds = np.searchsorted(ids, self.window_starts)
+            ends = [(lo, hi) for lo, hi in itertools.pairwise(bounds.tolist()) if hi > lo]
+            ids = np.array([ids[i] for lo, hi in ends for i in (lo, hi - 1)], dtype=np.int64)
         oldest, newest = np.iinfo(np.int64).max, np.iinfo(np.int64).min
         for start in range(0, len(ids), CHUNK_WINDOWS):
             chunk = ids[start : start + CHUNK_WINDOWS]
@@ -449,6 +455,19 @@ def _kth_anchor(sampler: MultiTFWindowSampler, k: int) -> int:
     return low
 
 
+def _first_opening_at(sampler: MultiTFWindowSampler, lo: int, hi: int, bound_ns: int) -> int:
+    """The first window id in ``[lo, hi)`` (one instrument's) whose oldest bar opens at or after
+    ``bound_ns``, else ``hi``. Inside an instrument every timeframe's end row grows with the
+    window id, so the oldest open does too: bisection finds it."""
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if sampler.first_open_ns([mid])[0] >= bound_ns:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
 def split_cut_times(
     sampler: MultiTFWindowSampler, train_frac: float, val_frac: float
 ) -> tuple[int, int]:
@@ -478,7 +497,8 @@ def chronological_splits(
     checked to be disjoint, instrument by instrument (``AssertionError`` otherwise: a bug).
     """
     train_end, val_end = split_cut_times(sampler, train_frac, val_frac)
-    parts: dict[str, list[IntArray]] = {"train": [], "val": [], "test": []}
+    parts: dict[str, list[IntArray]] = {"val": [], "test": []}
+    train_ranges = []
     cut_sizes = {"val": 0, "test": 0}
     for i in range(len(sampler.instruments)):
         window = sampler.instrument_windows(i)
@@ -489,15 +509,21 @@ def chronological_splits(
             window.start + int(np.searchsorted(anchors, val_end, side="right")),
             window.stop,
         )
-        parts["train"].append(np.arange(first, stop_train, dtype=np.int64))
+        train_ranges.append((first, stop_train))
         for name, (lo, hi), bound in (
             ("val", (stop_train, stop_val), train_end),
             ("test", (stop_val, stop), val_end),
         ):
-            cut = np.arange(lo, hi, dtype=np.int64)
-            cut_sizes[name] += len(cut)
-            parts[name].append(cut[sampler.first_open_ns(cut) >= bound + embargo_ns])
-    splits = {name: np.concatenate(ids) for name, ids in parts.items()}
+            cut_sizes[name] += hi - lo
+            kept = _first_opening_at(sampler, lo, hi, bound + embargo_ns)
+            parts[name].append(np.arange(kept, hi, dtype=np.int64))
+    # Filled in place: the train ids are most of the windows (no concatenated copy).
+    train = np.empty(sum(hi - lo for lo, hi in train_ranges), dtype=np.int64)
+    filled = 0
+    for lo, hi in train_ranges:
+        train[filled : filled + hi - lo] = np.arange(lo, hi)
+        filled += hi - lo
+    splits = {"train": train, **{name: np.concatenate(ids) for name, ids in parts.items()}}
     for name, size in cut_sizes.items():
         if size and len(splits[name]) == 0:
             raise DataValidationError(
