@@ -344,16 +344,14 @@ def test_zone_aware_input_ignores_tz_with_a_warning(
 
 # ------------------------------------------------------------------ several inputs, instrument
 def _yearly_files(tmp_path: Path) -> tuple[pd.DataFrame, list[Path]]:
-    """Synthetic M1 bars from late 2019 into 2020, as three HistData files cut at year and
-    month ends (as vendors ship them)."""
-    m1 = generate_m1(60_000, seed=8, start="2019-12-29 22:00")
-    years = m1.index.year
-    assert sorted(set(years)) == [2019, 2020]  # 60 000 minutes: ~2 months around new year
-    cuts = [m1[m1.index < "2020-01-01"], m1[(m1.index >= "2020-01-01") & (m1.index < "2020-02-01")]]
-    cuts.append(m1[m1.index >= "2020-02-01"])
+    """A year of synthetic M1 bars from late 2019 into early 2021, as three HistData files,
+    one per calendar year (as HistData ships them)."""
+    m1 = generate_m1(390_000, seed=8, start="2019-12-29 22:00")
+    years = np.asarray(m1.index.year)
+    assert sorted(set(years.tolist())) == [2019, 2020, 2021]
     paths = [
-        write_histdata(part, tmp_path / f"DAT_ASCII_EURUSD_M1_{i}.csv")
-        for i, part in enumerate(cuts)
+        write_histdata(m1[years == year], tmp_path / f"DAT_ASCII_EURUSD_M1_{year}.csv")
+        for year in (2019, 2020, 2021)
     ]
     return m1, paths
 
@@ -362,27 +360,31 @@ def test_prepare_of_yearly_files_equals_prepare_of_their_concatenation(tmp_path:
     m1, paths = _yearly_files(tmp_path)
     (tmp_path / "whole").mkdir()
     whole = write_histdata(m1, tmp_path / "whole" / "DAT_ASCII_EURUSD_M1_all.csv")
-    timeframes = ["m1", "m5", "h1", "h4"]
-    # Given out of order and as a glob: the files are put in time order by their bars.
+    timeframes = ["m1", "m15", "h4"]
+    # Given out of order: the files are put in time order by their bars.
     split = prepare([paths[2], paths[0], paths[1]], tmp_path / "split", timeframes=timeframes)
     joined = prepare(whole, tmp_path / "joined", timeframes=timeframes)
-    globbed = prepare(
-        str(tmp_path / "DAT_ASCII_EURUSD_M1_*.csv"), tmp_path / "glob", timeframes=timeframes
-    )
     for tf in timeframes:
         expected = pd.read_parquet(tmp_path / "joined" / f"{tf}.parquet")
         pd.testing.assert_frame_equal(
             pd.read_parquet(tmp_path / "split" / f"{tf}.parquet"), expected
-        )
-        pd.testing.assert_frame_equal(
-            pd.read_parquet(tmp_path / "glob" / f"{tf}.parquet"), expected
         )
         assert split["files"][tf]["sha256"] == joined["files"][tf]["sha256"]
     assert split["instrument"] == joined["instrument"] == "EURUSD"
     assert split["pip_size"] == 0.0001
     assert [Path(e["path"]).name for e in split["source"]["inputs"]] == [p.name for p in paths]
     assert sum(e["rows"] for e in split["source"]["inputs"]) == split["source"]["rows"] == len(m1)
-    assert globbed["source"]["rows"] == len(m1)
+
+
+def test_a_quoted_glob_reads_every_matching_file(tmp_path: Path, bars: pd.DataFrame) -> None:
+    for i, part in enumerate((bars.iloc[:4000], bars.iloc[4000:9000], bars.iloc[9000:])):
+        write_histdata(part, tmp_path / f"DAT_ASCII_USDJPY_M1_20{i:02d}.csv")
+    write_histdata(bars.iloc[:10], tmp_path / "DAT_ASCII_USDJPY_M5_2000.csv")  # not matched
+    manifest = prepare(
+        str(tmp_path / "DAT_ASCII_USDJPY_M1_20*.csv"), tmp_path / "out", timeframes=["m1"]
+    )
+    assert len(manifest["source"]["inputs"]) == 3
+    assert_same_m1(load_tf_data(tmp_path / "out", ["m1"])["m1"], bars)
 
 
 def test_overlapping_input_files_are_one_error_naming_both(tmp_path: Path) -> None:
