@@ -71,8 +71,13 @@ class Instrument:
     path: Path
 
     def manifest(self) -> dict | None:
+        """The directory's ``manifest.json`` (``stage1 prepare``), or None if absent/unreadable."""
         path = self.path / MANIFEST
-        return json.loads(path.read_text()) if path.is_file() else None
+        try:
+            manifest = json.loads(path.read_text()) if path.is_file() else None
+        except (OSError, json.JSONDecodeError):
+            return None
+        return manifest if isinstance(manifest, dict) else None
 
 
 def _has_bars(directory: Path) -> bool:
@@ -82,15 +87,8 @@ def _has_bars(directory: Path) -> bool:
 
 
 def _name_of(directory: Path) -> str:
-    manifest = directory / MANIFEST
-    if manifest.is_file():
-        try:
-            name = json.loads(manifest.read_text()).get("instrument")
-        except (json.JSONDecodeError, AttributeError):
-            name = None
-        if name:
-            return str(name)
-    return directory.name
+    name = (Instrument(directory.name, directory).manifest() or {}).get("instrument")
+    return str(name) if name else directory.name
 
 
 def find_instruments(
