@@ -34,7 +34,26 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
             "wrong time zone is caught. Nothing is written when validation fails."
         ),
     )
-    p.add_argument("--input", required=True, help="M1 file (.csv, .txt or .parquet)")
+    p.add_argument(
+        "--input",
+        required=True,
+        nargs="+",
+        help="M1 file(s) of one instrument (.csv, .txt or .parquet), or a quoted glob such as "
+        "'DAT_ASCII_EURUSD_M1_20*.csv'; concatenated in time order",
+    )
+    p.add_argument(
+        "--instrument",
+        default=None,
+        help="instrument name for the manifest (default: from the file names, e.g. "
+        "DAT_ASCII_EURUSD_M1_2019 -> EURUSD; required when they do not name one)",
+    )
+    p.add_argument(
+        "--overlap",
+        default="error",
+        choices=["error", "identical"],
+        help="input files whose periods overlap: error (default), or identical (a bar several "
+        "files hold is kept once if they agree exactly; any difference is an error)",
+    )
     p.add_argument("--out", required=True, help="output data directory")
     p.add_argument("--tz", default="UTC", help="time zone of the input timestamps (IANA name)")
     p.add_argument(
@@ -58,7 +77,13 @@ def _add_config_args(p: argparse.ArgumentParser, config_required: bool = True) -
         required=config_required,
         help="YAML config (path, or a shipped name: test, demo, base, ...)",
     )
-    p.add_argument("--data_dir", required=True, help="derived data directory (see stage1 prepare)")
+    p.add_argument(
+        "--data_dir",
+        required=True,
+        action="append",
+        help="derived data directory (see stage1 prepare): one instrument's, or a root with one "
+        "directory per instrument; repeat the flag for several",
+    )
     p.add_argument(
         "overrides",
         nargs="*",
@@ -113,7 +138,13 @@ def _add_encode(sub: argparse._SubParsersAction) -> None:
         description="Encode every valid window in a time range with a trained checkpoint.",
     )
     p.add_argument("--ckpt", required=True, help="stage1_best.pth export or Lightning .ckpt")
-    p.add_argument("--data_dir", required=True, help="derived data directory")
+    p.add_argument(
+        "--data_dir",
+        required=True,
+        action="append",
+        help="derived data directory, or a root of instrument directories (one output file per "
+        "instrument: <out>_<INSTRUMENT>.parquet); repeat the flag for several",
+    )
     p.add_argument("--out", required=True, help="output .parquet, or .npy (+ _timestamps.npy)")
     p.add_argument("--start", default=None, help="first anchor time (UTC), e.g. 2019-06-01")
     p.add_argument("--end", default=None, help="last anchor time (UTC)")

@@ -50,6 +50,11 @@ class DataConfig:
     cache_dir: str | None = None
     # Use only the first N train windows (overfit tests); null = all.
     limit_train_windows: int | None = None
+    # Instruments of a data root (ROOT/<name>/{tf}.parquet) to use; null = all found.
+    instruments: list[str] | None = None
+    # How training batches mix instruments: "size" (every train window equally likely, so
+    # instruments weigh by their window count) or "uniform" (every instrument equally often).
+    instrument_mixing: str = "size"
 
 
 @dataclass
@@ -295,6 +300,8 @@ def _validate(cfg: DictConfig) -> None:
         )
     if cfg.evaluation.split not in ("train", "val", "test", "all"):
         raise ConfigError(f"evaluation.split: {cfg.evaluation.split!r} is not train|val|test|all")
+    if data.instrument_mixing not in ("size", "uniform"):
+        raise ConfigError(f"data.instrument_mixing: {data.instrument_mixing!r} is not size|uniform")
 
 
 def _checked(cfg: DictConfig) -> DictConfig:

@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 from stage1.checkpoint import load_checkpoint
 from stage1.data.features import FeatureEngineer
+from stage1.data.instruments import Instrument, find_instruments
 from stage1.data.io import bars_from_frame, load_tf_data, validate_bars
 from stage1.data.normalization import TFNormalizer
 from stage1.data.sampler import MultiTFWindowSampler
@@ -122,6 +123,7 @@ class Stage1InferenceEngine:
             ) from exc
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"device: {device!r} requested, but CUDA is not available here")
+        self.checkpoint_path = Path(checkpoint_path)
         self.model, self.config, stats, self.meta = load_checkpoint(
             checkpoint_path, map_location=self.device
         )
@@ -466,7 +468,8 @@ def run_encode(args: argparse.Namespace) -> None:
     ``--out x.parquet``: columns ``timestamp`` + ``e0..e{D-1}`` (one vector per anchor; without
     ``--pool`` the flattened embedding). ``--out x.npy``: float32 ``[N, n_tf, latent_len,
     d_model]`` (or ``[N, D]`` pooled) plus ``x_timestamps.npy``. Streamed in chunks (bounded
-    memory) and written atomically: an interrupted run leaves no partial file.
+    memory) and written atomically: an interrupted run leaves no partial file. A data root of
+    several instruments gives one file per instrument, ``x_<INSTRUMENT>.parquet`` (or ``.npy``).
     """
     out = Path(args.out)
     suffix = out.suffix.lower()
@@ -476,10 +479,31 @@ def run_encode(args: argparse.Namespace) -> None:
     if suffix == ".parquet" and pool is None:
         pool = "flatten"
         print("stage1 encode: Parquet holds one vector per anchor; no --pool given, so flatten")
-    started = time.perf_counter()
     engine = Stage1InferenceEngine(args.ckpt, device=args.device)
-    sampler = engine.build_sampler(load_tf_data(args.data_dir, engine.timeframes))
-    window_ids = engine.select_windows(sampler, args.start, args.end)
+    instruments = find_instruments(args.data_dir, engine.timeframes)
+    for instrument in instruments:
+        target = (
+            out
+            if len(instruments) == 1
+            else out.with_name(f"{out.stem}_{instrument.name}{out.suffix}")
+        )
+        encode_to_file(engine, instrument, target, args.start, args.end, pool, args.batch_size)
+
+
+def encode_to_file(
+    engine: Stage1InferenceEngine,
+    instrument: Instrument,
+    out: Path,
+    start: TimeLike,
+    end: TimeLike,
+    pool: str | None,
+    batch_size: int | None,
+) -> None:
+    """Encode one instrument's windows into ``out`` (see :func:`run_encode`) and print a line."""
+    started = time.perf_counter()
+    suffix = out.suffix.lower()
+    sampler = engine.build_sampler(load_tf_data(instrument.path, engine.timeframes))
+    window_ids = engine.select_windows(sampler, start, end)
     shape = engine.embedding_shape(pool)
     metadata = {
         "pool": pool,
@@ -488,7 +512,8 @@ def run_encode(args: argparse.Namespace) -> None:
         "seq_len": engine.seq_len,
         "latent_len": engine.latent_len,
         "d_model": engine.d_model,
-        "checkpoint": str(args.ckpt),
+        "checkpoint": str(engine.checkpoint_path),
+        "instrument": instrument.name,
     }
     writer: _NpyWriter | _ParquetWriter
     with ExitStack() as stack:
@@ -501,18 +526,16 @@ def run_encode(args: argparse.Namespace) -> None:
         # Closed before the temp files are renamed (or, on failure, deleted).
         stack.callback(writer.close)
         progress = stack.enter_context(
-            tqdm(total=len(window_ids), unit="win", desc="encode", disable=None)
+            tqdm(total=len(window_ids), unit="win", desc=f"encode {instrument.name}", disable=None)
         )
-        for timestamps, embeddings in engine._iter_chunks(
-            sampler, window_ids, args.batch_size, pool
-        ):
+        for timestamps, embeddings in engine._iter_chunks(sampler, window_ids, batch_size, pool):
             writer.write(timestamps, embeddings)
             progress.update(len(timestamps))
     seconds = time.perf_counter() - started
     first, last = _utc_index(sampler.anchor_ns[window_ids[[0, -1]]])
     extra = "" if suffix == ".parquet" else f" (+ {timestamps_path(out).name})"
     print(
-        f"stage1 encode: {len(window_ids)} anchors {first} .. {last}, embedding "
-        f"{list(shape)} float32 (pool={pool}) on {engine.device} -> {out}{extra} "
+        f"stage1 encode: {len(window_ids)} anchors of {instrument.name} {first} .. {last}, "
+        f"embedding {list(shape)} float32 (pool={pool}) on {engine.device} -> {out}{extra} "
         f"in {seconds:.1f} s ({len(window_ids) / seconds:,.0f} windows/s)"
     )

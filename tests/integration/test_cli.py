@@ -102,7 +102,7 @@ def test_missing_input_file_is_one_line(tmp_path: Path, capsys: pytest.CaptureFi
 def test_prepare_writes_the_data_directory(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    source = tmp_path / "bars.csv"
+    source = tmp_path / "usdjpy_m1.csv"  # the name gives the instrument (else --instrument)
     source.write_text(HEADER + "\n".join(GOOD_ROWS) + "\n")
     out = tmp_path / "derived"
     code = main(["prepare", "--input", str(source), "--out", str(out), "--timeframes", "m1", "m5"])

@@ -11,6 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from stage1.cli import main
+from stage1.data.instruments import guess_instrument
 from stage1.data.io import OHLC, file_sha256, load_tf_data, write_bars
 from stage1.data.prepare import prepare, weekly_open_report
 from stage1.data.synthetic import generate_m1
@@ -338,3 +340,117 @@ def test_zone_aware_input_ignores_tz_with_a_warning(
         prepare(source, tmp_path / "out", tz=NEW_YORK, timeframes=["m1"])
     assert "carry their own zone" in caplog.text
     assert_same_m1(load_tf_data(tmp_path / "out", ["m1"])["m1"], bars)
+
+
+# ------------------------------------------------------------------ several inputs, instrument
+def _yearly_files(tmp_path: Path) -> tuple[pd.DataFrame, list[Path]]:
+    """A year of synthetic M1 bars from late 2019 into early 2021, as three HistData files,
+    one per calendar year (as HistData ships them)."""
+    m1 = generate_m1(390_000, seed=8, start="2019-12-29 22:00")
+    years = np.asarray(m1.index.year)
+    assert sorted(set(years.tolist())) == [2019, 2020, 2021]
+    paths = [
+        write_histdata(m1[years == year], tmp_path / f"DAT_ASCII_EURUSD_M1_{year}.csv")
+        for year in (2019, 2020, 2021)
+    ]
+    return m1, paths
+
+
+def test_prepare_of_yearly_files_equals_prepare_of_their_concatenation(tmp_path: Path) -> None:
+    m1, paths = _yearly_files(tmp_path)
+    (tmp_path / "whole").mkdir()
+    whole = write_histdata(m1, tmp_path / "whole" / "DAT_ASCII_EURUSD_M1_all.csv")
+    timeframes = ["m1", "m15", "h4"]
+    # Given out of order: the files are put in time order by their bars.
+    split = prepare([paths[2], paths[0], paths[1]], tmp_path / "split", timeframes=timeframes)
+    joined = prepare(whole, tmp_path / "joined", timeframes=timeframes)
+    for tf in timeframes:
+        expected = pd.read_parquet(tmp_path / "joined" / f"{tf}.parquet")
+        pd.testing.assert_frame_equal(
+            pd.read_parquet(tmp_path / "split" / f"{tf}.parquet"), expected
+        )
+        assert split["files"][tf]["sha256"] == joined["files"][tf]["sha256"]
+    assert split["instrument"] == joined["instrument"] == "EURUSD"
+    assert split["pip_size"] == 0.0001
+    assert [Path(e["path"]).name for e in split["source"]["inputs"]] == [p.name for p in paths]
+    assert sum(e["rows"] for e in split["source"]["inputs"]) == split["source"]["rows"] == len(m1)
+
+
+def test_a_quoted_glob_reads_every_matching_file(tmp_path: Path, bars: pd.DataFrame) -> None:
+    for i, part in enumerate((bars.iloc[:4000], bars.iloc[4000:9000], bars.iloc[9000:])):
+        write_histdata(part, tmp_path / f"DAT_ASCII_USDJPY_M1_20{i:02d}.csv")
+    write_histdata(bars.iloc[:10], tmp_path / "DAT_ASCII_USDJPY_M5_2000.csv")  # not matched
+    manifest = prepare(
+        str(tmp_path / "DAT_ASCII_USDJPY_M1_20*.csv"), tmp_path / "out", timeframes=["m1"]
+    )
+    assert len(manifest["source"]["inputs"]) == 3
+    assert_same_m1(load_tf_data(tmp_path / "out", ["m1"])["m1"], bars)
+
+
+def test_overlapping_input_files_are_one_error_naming_both(tmp_path: Path) -> None:
+    m1 = generate_m1(60_000, seed=8)
+    first = write_histdata(m1.iloc[:30_000], tmp_path / "DAT_ASCII_EURUSD_M1_a.csv")
+    second = write_histdata(m1.iloc[29_990:], tmp_path / "DAT_ASCII_EURUSD_M1_b.csv")
+    with pytest.raises(DataValidationError) as info:
+        prepare([first, second], tmp_path / "out", timeframes=["m1"])
+    message = str(info.value)
+    assert "\n" not in message
+    assert str(first) in message and str(second) in message and "overlap" in message
+    assert not (tmp_path / "out").exists()
+    # The documented rule: bars both files hold alike are kept once.
+    manifest = prepare([first, second], tmp_path / "out", timeframes=["m1"], overlap="identical")
+    assert manifest["source"]["rows"] == len(m1)
+    assert_same_m1(load_tf_data(tmp_path / "out", ["m1"])["m1"], m1)
+
+
+def test_overlap_identical_still_rejects_a_differing_bar(tmp_path: Path) -> None:
+    m1 = generate_m1(60_000, seed=8)
+    changed = m1.iloc[29_990:].copy()
+    changed.iloc[3, changed.columns.get_loc("high")] += 0.01
+    first = write_histdata(m1.iloc[:30_000], tmp_path / "DAT_ASCII_EURUSD_M1_a.csv")
+    second = write_histdata(changed, tmp_path / "DAT_ASCII_EURUSD_M1_b.csv")
+    with pytest.raises(DataValidationError, match="hold different bars at") as info:
+        prepare([first, second], tmp_path / "out", timeframes=["m1"], overlap="identical")
+    assert str(first) in str(info.value) and str(second) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("DAT_ASCII_EURUSD_M1_2019.csv", "EURUSD"),
+        ("DAT_MT_GBPJPY_M1_201901.csv", "GBPJPY"),
+        ("usdjpy_m1_2017_2019.parquet", "USDJPY"),
+        ("XAUUSD-2020.csv", "XAUUSD"),
+        ("bars.csv", None),
+        ("prices_2019.csv", None),  # "prices" is six letters, not two currencies
+    ],
+)
+def test_instrument_is_guessed_from_vendor_file_names(name: str, expected: str | None) -> None:
+    assert guess_instrument(name) == expected
+
+
+def test_input_files_of_two_instruments_are_refused(tmp_path: Path, bars: pd.DataFrame) -> None:
+    a = write_histdata(bars.iloc[:5000], tmp_path / "DAT_ASCII_EURUSD_M1_1.csv")
+    b = write_histdata(bars.iloc[5000:], tmp_path / "DAT_ASCII_GBPUSD_M1_2.csv")
+    with pytest.raises(DataValidationError, match=r"looks like EURUSD but .* like GBPUSD"):
+        prepare([a, b], tmp_path / "out", timeframes=["m1"])
+    manifest = prepare([a, b], tmp_path / "out", timeframes=["m1"], instrument="EURGBP")
+    assert manifest["instrument"] == "EURGBP"
+
+
+def test_cli_requires_an_instrument_the_file_names_do_not_give(
+    tmp_path: Path, bars: pd.DataFrame, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = write_histdata(bars, tmp_path / "bars.csv")
+    args = ["prepare", "--input", str(source), "--out", str(tmp_path / "out"), "--timeframes", "m1"]
+    assert main(args) == 2
+    assert "--instrument" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert main([*args, "--instrument", "USDJPY"]) == 0
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert (manifest["instrument"], manifest["pip_size"]) == ("USDJPY", 0.01)
+
+
+def test_a_glob_that_matches_nothing_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(DataValidationError, match="no input file matches"):
+        prepare(str(tmp_path / "DAT_*.csv"), tmp_path / "out", timeframes=["m1"])

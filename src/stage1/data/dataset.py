@@ -11,20 +11,18 @@ for the batch at once, one normalisation. A batch is a dict (ARCHITECTURE.md):
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
-import pyarrow
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from stage1.config import ConfigLike, as_config
 from stage1.data.features import FeatureEngineer
-from stage1.data.io import load_tf_data
+from stage1.data.instruments import DataDirs, balanced_order, find_instruments, load_bar_blocks
 from stage1.data.masking import MaskingStrategy
 from stage1.data.normalization import TFNormalizer
 from stage1.data.sampler import MultiTFWindowSampler, chronological_splits
@@ -47,15 +45,16 @@ def embargo_ns(config: ConfigLike) -> int:
     return max((data.embargo_minutes or 0) * NS_PER_MINUTE, span)
 
 
-def build_sampler(data_dir: str | Path, config: ConfigLike) -> MultiTFWindowSampler:
-    """Read ``data_dir`` for ``config.data.timeframes`` and index its windows."""
+def build_sampler(data_dir: DataDirs, config: ConfigLike) -> MultiTFWindowSampler:
+    """Index the windows of ``data_dir`` for ``config.data.timeframes``: one instrument's
+    directory, a root of instrument directories, or several of either (``data.instruments``
+    selects; see ``stage1.data.instruments``); memory-mapped with ``data.cache_dir``."""
     data = as_config(config).data
-    tf_data = load_tf_data(data_dir, data.timeframes)
-    # Reading Parquet leaves Arrow's freed buffers cached in its allocator (about the size of
-    # the data); give them back to the OS before the sampler adds its own arrays.
-    pyarrow.default_memory_pool().release_unused()
-    return MultiTFWindowSampler(
-        tf_data, data.seq_len, staleness_factor=data.staleness_factor, cache_dir=data.cache_dir
+    selected = None if data.instruments is None else list(data.instruments)
+    instruments = find_instruments(data_dir, data.timeframes, selected)
+    blocks = load_bar_blocks(instruments, data.timeframes, data.cache_dir)
+    return MultiTFWindowSampler.from_blocks(
+        blocks, data.seq_len, staleness_factor=data.staleness_factor, cache_dir=data.cache_dir
     )
 
 
@@ -83,9 +82,7 @@ def fit_normalizer(
     )
     normalizer = TFNormalizer(sampler.timeframes).fit(chunks)
     # The whole train split's period (not only the fitted subset): what "out of sample" means.
-    all_ids = np.asarray(train_ids)
-    oldest = int(sampler.first_open_ns(all_ids).min())
-    newest = int(sampler.anchor_ns[all_ids].max())
+    oldest, newest = sampler.period_ns(train_ids)
     normalizer.train_period = (
         pd.Timestamp(oldest, tz="UTC").isoformat(),
         pd.Timestamp(newest, tz="UTC").isoformat(),
@@ -103,7 +100,7 @@ class Stage1Dataset(Dataset[Batch]):
 
     def __init__(
         self,
-        data_dir: str | Path | None,
+        data_dir: DataDirs | None,
         config: ConfigLike,
         split: str,
         normalizer: TFNormalizer | None = None,
@@ -171,7 +168,9 @@ class WindowBatchSampler(Sampler[np.ndarray]):
     ``shuffle=True`` (training): a permutation seeded by ``seed + epoch`` (``set_epoch`` is
     called by Lightning each epoch), the same on every rank, cut into ``world_size`` strided
     shards of equal size (at most ``world_size - 1`` windows left out per epoch, different ones
-    each epoch), then into batches; the last batch may be smaller.
+    each epoch), then into batches; the last batch may be smaller. With ``groups`` (the
+    instrument of every position) the epoch draws every group equally often instead
+    (``balanced_order``: ``data.instrument_mixing=uniform``).
     ``shuffle=False`` (evaluation): every window exactly once, in order; the windows are split
     into contiguous shards and each shard into the same number of near-equal batches
     (``ceil(shard / batch_size)``), so all ranks run the same number of steps.
@@ -185,8 +184,10 @@ class WindowBatchSampler(Sampler[np.ndarray]):
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        groups: np.ndarray | None = None,
     ) -> None:
         self.n_windows = n_windows
+        self.groups = groups
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed
@@ -197,21 +198,31 @@ class WindowBatchSampler(Sampler[np.ndarray]):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _batches(self) -> list[np.ndarray]:
+    def _batches(self) -> Iterator[np.ndarray]:
         if self.shuffle:
-            order = np.random.default_rng(self.seed + self.epoch).permutation(self.n_windows)
+            rng = np.random.default_rng(self.seed + self.epoch)
+            if self.groups is None:
+                # rng.permutation(n), in int32 when it fits: the same order, half the memory
+                # (an epoch of tens of millions of windows).
+                order = np.arange(
+                    self.n_windows, dtype=np.int32 if self.n_windows < 2**31 else np.int64
+                )
+                rng.shuffle(order)
+            else:
+                order = balanced_order(self.groups, rng)
             usable = self.n_windows // self.world_size * self.world_size
             shard = order[self.rank : usable : self.world_size]
             # Sorted within a batch: the gather then walks memory forwards (order is irrelevant).
-            return [
+            # One batch at a time: an epoch of ids is large for many instruments.
+            return (
                 np.sort(shard[i : i + self.batch_size])
                 for i in range(0, len(shard), self.batch_size)
-            ]
+            )
         if self.n_windows == 0:
-            return []
+            return iter([])
         shards = np.array_split(np.arange(self.n_windows), self.world_size)
         n_batches = -(-len(shards[0]) // self.batch_size)  # shard 0 is the largest
-        return [b for b in np.array_split(shards[self.rank], n_batches) if len(b)]
+        return iter([b for b in np.array_split(shards[self.rank], n_batches) if len(b)])
 
     def __iter__(self) -> Iterator[np.ndarray]:
         # A generator: the order is drawn at the first batch, after Lightning's set_epoch (on
@@ -221,7 +232,7 @@ class WindowBatchSampler(Sampler[np.ndarray]):
     def __len__(self) -> int:
         if self.shuffle:  # without drawing the permutation
             return -(-(self.n_windows // self.world_size) // self.batch_size)
-        return len(self._batches())
+        return sum(1 for _ in self._batches())
 
 
 class _BatchView(Dataset[Batch]):
@@ -246,7 +257,7 @@ class Stage1DataModule(L.LightningDataModule):
     """
 
     def __init__(
-        self, data_dir: str | Path, config: ConfigLike, normalizer: TFNormalizer | None = None
+        self, data_dir: DataDirs, config: ConfigLike, normalizer: TFNormalizer | None = None
     ) -> None:
         super().__init__()
         self.data_dir = data_dir
@@ -290,8 +301,12 @@ class Stage1DataModule(L.LightningDataModule):
                 f"{world_size} devices it is split across"
             )
         dataset = self.datasets[split]
+        mix_uniform = self.config.data.instrument_mixing == "uniform"
+        groups = None
+        if shuffle and mix_uniform and len(dataset.sampler.instruments) > 1:
+            groups = dataset.sampler.instrument_of(dataset.window_ids)
         batches = WindowBatchSampler(
-            len(dataset), batch_size, shuffle, int(self.config.seed), rank, world_size
+            len(dataset), batch_size, shuffle, int(self.config.seed), rank, world_size, groups
         )
         cfg = self.config.dataloader
         workers = int(cfg.num_workers)

@@ -13,11 +13,18 @@ Labels are converted from ``--tz`` to UTC. A label that a DST change makes ambig
 by its order in the file (the repeated hour's first pass is summer time); a label that DST skips,
 or an ambiguous one whose order does not tell, is an error. The M1 bars are validated (SPEC §1)
 before anything is derived, and the output directory appears only when everything succeeded.
+
+Several inputs of one instrument (yearly or monthly vendor files, or a quoted glob) are read one by
+one and concatenated in time order. Files must cover disjoint periods: a bar of one file at or
+before the last bar of another is an error naming both files, unless ``overlap="identical"``, which
+keeps a bar that several files hold once when they agree exactly and still rejects any difference.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
+import itertools
 import json
 import logging
 import os
@@ -39,6 +46,7 @@ import pyarrow.compute as pc
 from tqdm import tqdm
 
 import stage1
+from stage1.data.instruments import guess_instrument, pip_size
 from stage1.data.io import (
     OHLC,
     TIME_COLUMN,
@@ -56,6 +64,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEFRAMES = ("m1", "m5", "m15", "m30", "h1", "h4")
 FORMATS = ("auto", "generic", "histdata", "mt")
+OVERLAP_RULES = ("error", "identical")
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "stage1-derived-v1"
 _PROGRESS_MIN_BYTES = 20 << 20  # show a progress bar for inputs of 20 MB and more
@@ -348,7 +357,7 @@ def _check_timeframes(timeframes: Sequence[str]) -> list[str]:
     return ordered
 
 
-def _check_destination(input_path: Path, out_dir: Path, force: bool) -> None:
+def _check_destination(input_paths: Sequence[Path], out_dir: Path, force: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise Stage1Error(f"{out_dir}: exists and is not a directory")
     if out_dir.is_dir() and any(out_dir.iterdir()):
@@ -356,8 +365,85 @@ def _check_destination(input_path: Path, out_dir: Path, force: bool) -> None:
             raise Stage1Error(
                 f"{out_dir}: already exists and is not empty; pass --force to replace it"
             )
-        if out_dir.resolve() in input_path.resolve().parents:
-            raise Stage1Error(f"{out_dir}: holds the input file; --force would delete it")
+        for input_path in input_paths:
+            if out_dir.resolve() in input_path.resolve().parents:
+                raise Stage1Error(
+                    f"{out_dir}: holds the input file {input_path}; --force would delete it"
+                )
+
+
+def expand_inputs(inputs: str | Path | Sequence[str | Path]) -> list[Path]:
+    """Input files: paths as given, and glob patterns (``'DAT_ASCII_EURUSD_M1_20*.csv'``,
+    quoted so the shell leaves them alone) expanded in name order. A pattern that matches
+    nothing, or a file named twice, is an error."""
+    items = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
+    if not items:
+        raise Stage1Error("--input: give at least one file")
+    paths: list[Path] = []
+    for item in map(str, items):
+        if not Path(item).exists() and glob.has_magic(item):
+            matches = sorted(glob.glob(item))
+            if not matches:
+                raise DataValidationError(f"{item}: no input file matches this pattern")
+            paths.extend(map(Path, matches))
+        else:
+            paths.append(Path(item))
+    seen: dict[Path, Path] = {}
+    for path in paths:
+        key = path.resolve()
+        if key in seen:
+            raise Stage1Error(f"--input: {path} is given twice (as {seen[key]} and {path})")
+        seen[key] = path
+    return paths
+
+
+def instrument_from_names(paths: Sequence[Path]) -> str | None:
+    """The instrument all input file names agree on (None when no name holds one); names that
+    disagree are an error naming two of them."""
+    guesses = {path: guess_instrument(path.name) for path in paths}
+    named = {path: name for path, name in guesses.items() if name is not None}
+    if len(set(named.values())) > 1:
+        (a, name_a), (b, name_b) = next(
+            (x, y) for x, y in itertools.combinations(named.items(), 2) if x[1] != y[1]
+        )
+        raise DataValidationError(
+            f"{a.name} looks like {name_a} but {b.name} like {name_b}: one prepare takes the "
+            "files of one instrument (or give --instrument NAME)"
+        )
+    return next(iter(named.values()), None)
+
+
+def _concatenate(parts: list[tuple[Path, pd.DataFrame]], overlap: str) -> pd.DataFrame:
+    """Bars of several files of one instrument, ``parts`` sorted by first bar, as one frame in
+    time order (see the module docstring for the overlap rule)."""
+    if len(parts) == 1:
+        return parts[0][1]
+    if overlap == "error":
+        for (path_a, a), (path_b, b) in itertools.pairwise(parts):
+            if b.index[0] <= a.index[-1]:
+                raise DataValidationError(
+                    f"{path_a} and {path_b} overlap: {path_b.name} starts at {b.index[0]}, "
+                    f"before {path_a.name} ends at {a.index[-1]} (rule: input files cover "
+                    "disjoint periods; --overlap identical keeps bars both files hold alike)"
+                )
+        return pd.concat([bars for _, bars in parts])
+    source = np.concatenate([np.full(len(bars), i) for i, (_, bars) in enumerate(parts)])
+    merged = pd.concat([bars for _, bars in parts])
+    order = np.argsort(pd.DatetimeIndex(merged.index).asi8, kind="stable")
+    merged, source = merged.iloc[order], source[order]
+    repeat = np.flatnonzero(np.diff(pd.DatetimeIndex(merged.index).asi8) == 0) + 1
+    values = merged.to_numpy()
+    differs = repeat[(values[repeat] != values[repeat - 1]).any(axis=1)]
+    if len(differs):
+        row = int(differs[0])
+        path_a, path_b = parts[source[row - 1]][0], parts[source[row]][0]
+        raise DataValidationError(
+            f"{path_a} and {path_b} hold different bars at {merged.index[row]} "
+            f"(rule: --overlap identical keeps a repeated bar only when the files agree exactly)"
+        )
+    keep = np.ones(len(merged), dtype=bool)
+    keep[repeat] = False
+    return merged[keep]
 
 
 def _minute_of_week(index: pd.DatetimeIndex) -> np.ndarray:
@@ -461,35 +547,72 @@ def _publish(tmp_dir: Path, out_dir: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _source_entry(path: Path, bars: pd.DataFrame) -> dict[str, Any]:
+    return {
+        "path": str(path.resolve()),
+        "sha256": file_sha256(path),
+        "bytes": path.stat().st_size,
+        "rows": len(bars),
+        "first_bar": bars.index[0].isoformat(),
+        "last_bar": bars.index[-1].isoformat(),
+    }
+
+
 def prepare(
-    input_path: str | Path,
+    input_path: str | Path | Sequence[str | Path],
     out_dir: str | Path,
     tz: str = "UTC",
     fmt: str = "auto",
     timeframes: Sequence[str] = DEFAULT_TIMEFRAMES,
     force: bool = False,
+    instrument: str | None = None,
+    overlap: str = "error",
+    require_instrument: bool = False,
 ) -> dict[str, Any]:
-    """Convert an M1 file into a derived data directory; return the manifest (also saved).
+    """Convert the M1 file(s) of one instrument into a derived data directory; return the
+    manifest (also saved).
 
-    Builds everything in a temporary directory beside ``out_dir`` and renames it into place
-    at the end, so a failure leaves ``out_dir`` as it was (absent, or untouched). An existing,
+    ``input_path``: a file, a glob pattern, or a list of them (concatenated in time order, see
+    the module docstring). ``instrument``: written to the manifest with its pip size; None:
+    guessed from the file names (``DAT_ASCII_EURUSD_M1_2019.csv``), else left null, or, with
+    ``require_instrument`` (the CLI), an error once the bars are read and valid. Builds
+    everything in a temporary directory beside ``out_dir`` and renames it into place at the
+    end, so a failure leaves ``out_dir`` as it was (absent, or untouched). An existing,
     non-empty ``out_dir`` is replaced only with ``force``.
     """
-    input_path, out_dir = Path(input_path), Path(out_dir)
+    inputs, out_dir = expand_inputs(input_path), Path(out_dir)
     ordered = _check_timeframes(timeframes)
     _check_tz(tz)
-    _check_destination(input_path, out_dir, force)
-    show = input_path.is_file() and input_path.stat().st_size >= _PROGRESS_MIN_BYTES
+    if overlap not in OVERLAP_RULES:
+        raise Stage1Error(f"--overlap {overlap!r}: expected one of {', '.join(OVERLAP_RULES)}")
+    if instrument is None:
+        instrument = instrument_from_names(inputs)
+    _check_destination(inputs, out_dir, force)
+    size = sum(path.stat().st_size for path in inputs if path.is_file())
     with tqdm(
-        total=2 + len(ordered),
+        total=len(inputs) + 1 + len(ordered),
         desc="prepare",
         unit="step",
         file=sys.stderr,
-        disable=None if show else True,  # None: shown on a terminal only
+        disable=None if size >= _PROGRESS_MIN_BYTES else True,  # None: shown on a terminal only
     ) as progress:
-        progress.set_postfix_str("read + validate M1")
-        m1, detected, _ = read_m1(input_path, fmt, tz)
-        progress.update(1)
+        parts, formats = [], set()
+        for path in inputs:
+            progress.set_postfix_str(f"read + validate {path.name}")
+            bars, detected, _ = read_m1(path, fmt, tz)
+            parts.append((path, bars))
+            formats.add(detected)
+            progress.update(1)
+        if instrument is None and require_instrument:
+            names = ", ".join(str(path) for path in inputs)
+            raise Stage1Error(
+                f"--instrument: the file name(s) ({names}) do not name a pair such as EURUSD; "
+                "give --instrument NAME"
+            )
+        parts.sort(key=lambda part: part[1].index[0])  # time order, whatever the input order
+        m1 = _concatenate(parts, overlap)
+        if len(parts) > 1:  # each file is valid; the seams must be too
+            validate_bars(m1, " + ".join(str(path) for path in inputs))
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
         tmp_dir.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the result is a normal dir
@@ -505,22 +628,28 @@ def prepare(
             progress.set_postfix_str("manifest")
             weekly = weekly_open_report(pd.DatetimeIndex(m1.index), tz)
             if weekly["fits"] is False:
-                logger.warning("%s: %s", input_path, weekly["message"])
+                logger.warning("%s: %s", inputs[0], weekly["message"])
+            entries = [_source_entry(path, bars) for path, bars in parts]
+            source: dict[str, Any] = dict(entries[0]) if len(entries) == 1 else {}
+            source |= {
+                "inputs": entries,
+                "format": "+".join(sorted(formats)),
+                "file_type": "+".join(
+                    sorted({"parquet" if _is_parquet(path) else "text" for path in inputs})
+                ),
+                "tz": tz,
+                "overlap": overlap,
+                "rows": len(m1),
+                "first_bar": m1.index[0].isoformat(),
+                "last_bar": m1.index[-1].isoformat(),
+            }
             manifest = {
                 "format": MANIFEST_FORMAT,
                 "stage1_version": stage1.__version__,
                 "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "source": {
-                    "path": str(input_path.resolve()),
-                    "sha256": file_sha256(input_path),
-                    "bytes": input_path.stat().st_size,
-                    "format": detected,
-                    "file_type": "parquet" if _is_parquet(input_path) else "text",
-                    "tz": tz,
-                    "rows": len(m1),
-                    "first_bar": m1.index[0].isoformat(),
-                    "last_bar": m1.index[-1].isoformat(),
-                },
+                "instrument": instrument,
+                "pip_size": pip_size(float(np.median(m1["close"].to_numpy())), instrument),
+                "source": source,
                 "timeframes": ordered,
                 "files": files,
                 "weekly_open": weekly,
@@ -537,9 +666,11 @@ def prepare(
 def format_summary(manifest: dict[str, Any], out_dir: str | Path) -> str:
     """A few lines for the terminal: source, rows per timeframe, period, weekly open."""
     source = manifest["source"]
+    inputs = source["inputs"]
+    origin = inputs[0]["path"] if len(inputs) == 1 else f"{len(inputs)} files"
     lines = [
-        f"read {source['rows']:,} M1 bars ({source['format']}, labels in {source['tz']}) "
-        f"from {source['path']}",
+        f"read {source['rows']:,} M1 bars of {manifest['instrument'] or 'an unnamed instrument'} "
+        f"({source['format']}, labels in {source['tz']}) from {origin}",
         f"period (bar open, UTC): {source['first_bar']} -> {source['last_bar']}",
     ]
     for tf, entry in manifest["files"].items():
@@ -558,5 +689,8 @@ def run_prepare(args: argparse.Namespace) -> None:
         fmt=args.format,
         timeframes=args.timeframes,
         force=args.force,
+        instrument=args.instrument,
+        overlap=args.overlap,
+        require_instrument=True,
     )
     print(format_summary(manifest, args.out))

@@ -5,6 +5,13 @@ holds the ``seq_len`` newest bars that are complete at the anchor (``open + dura
 so no bar that closes after the anchor can enter any window. The sampler stores only the row of
 each timeframe's newest bar per window (``end_rows``) plus the bars themselves as arrays; windows
 are gathered on demand, a whole batch at a time.
+
+Several instruments share one sampler: per timeframe their bars are concatenated in blocks (one
+row space per timeframe, :class:`BarBlocks`), and every window's rows lie inside its own
+instrument's block, so windows never mix instruments and ``gather`` does not care. Windows are
+ordered by instrument, then by anchor time. The arrays may be memory-mapped ``.npy`` files (see
+``stage1.data.instruments.load_bar_blocks``); the index is then written to its memory-mapped
+cache file as it is built, so nothing proportional to the data is held in anonymous memory.
 """
 
 from __future__ import annotations
@@ -12,7 +19,8 @@ from __future__ import annotations
 import hashlib
 import itertools
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +33,9 @@ from stage1.utils import atomic_path
 
 OHLC_COLUMNS = ("open", "high", "low", "close")
 # Bump when the cached index's layout or meaning changes, so old cache files are never read.
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2
+# Windows per step of the chunked passes over all windows (bounds their temporaries).
+CHUNK_WINDOWS = 1 << 20
 
 IntArray = npt.NDArray[np.int64]
 FloatArray = npt.NDArray[np.float64]
@@ -63,6 +73,32 @@ def _newest_complete(close_ns: IntArray, anchors: IntArray) -> npt.NDArray[np.in
     return np.cumsum(closed, dtype=np.int32) - 1
 
 
+@dataclass
+class BarBlocks:
+    """Bars of one or several instruments in one row space per timeframe.
+
+    ``open_ns[k]`` int64 ``[rows]`` and ``ohlc[k]`` float64 ``[rows, 4]`` hold timeframe ``k``'s
+    bars, instrument after instrument: instrument ``i``'s block is rows ``starts[i, k]`` to
+    ``starts[i + 1, k]`` (``starts`` int64 ``[n_instruments + 1, n_tf]``), open times strictly
+    increasing inside a block. ``content_key``: a digest of the bars when the caller knows one
+    (the bar cache's key); None: the index cache hashes the open times itself.
+    """
+
+    timeframes: list[str]
+    open_ns: list[IntArray]
+    ohlc: list[FloatArray]
+    instruments: list[str]
+    starts: IntArray
+    content_key: str | None = None
+
+    def rows(self, i: int, k: int) -> slice:
+        return slice(int(self.starts[i, k]), int(self.starts[i + 1, k]))
+
+
+def _allocate_in_memory(shape: tuple[int, ...]) -> IntArray:
+    return np.empty(shape, dtype=np.int64, order="F")
+
+
 class MultiTFWindowSampler:
     """Index of every valid multi-timeframe window; gathers windows as arrays or DataFrames.
 
@@ -71,11 +107,19 @@ class MultiTFWindowSampler:
     is the base. A window anchored at base bar ``i`` (anchor = its close time) is valid iff every
     timeframe has ``seq_len`` complete bars at the anchor and its newest complete bar closed no
     earlier than ``staleness_factor`` bar durations before the anchor (so windows right after a
-    weekend stay invalid until each timeframe has a fresh bar again).
+    weekend stay invalid until each timeframe has a fresh bar again). Several instruments:
+    :meth:`from_blocks`.
 
     With ``cache_dir`` the index is stored there under a blake2b key of every timeframe's open
-    times (the index depends on nothing else in the data), ``seq_len``, ``staleness_factor``,
-    the timeframes and a format version; a corrupt cache file is rebuilt with a warning.
+    times (the index depends on nothing else in the data; or the blocks' ``content_key``),
+    ``seq_len``, ``staleness_factor``, the timeframes, the instruments' blocks and a format
+    version; a corrupt cache file is rebuilt with a warning.
+
+    Attributes: ``timeframes``, ``base_tf``, ``seq_len``, ``instruments`` (names),
+    ``end_rows`` int64 ``[n_windows, n_tf]`` (global row of each timeframe's newest bar),
+    ``anchor_ns`` int64 ``[n_windows]``, ``window_starts`` int64 ``[n_instruments + 1]``
+    (instrument ``i``'s windows are ids ``window_starts[i]`` to ``window_starts[i + 1]``),
+    ``instrument_ids`` (instrument of every window), ``_open_ns[k]`` / ``_ohlc[k]`` (the bars).
     """
 
     def __init__(
@@ -84,54 +128,96 @@ class MultiTFWindowSampler:
         seq_len: int,
         staleness_factor: float = 1.0,
         cache_dir: str | Path | None = None,
+        instrument: str = "",
     ) -> None:
         if not tf_data:
             raise DataValidationError("tf_data: no timeframes given")
-        if seq_len < 1:
-            raise DataValidationError(f"seq_len: must be >= 1, got {seq_len}")
-        if staleness_factor <= 0:
-            raise DataValidationError(f"staleness_factor: must be > 0, got {staleness_factor}")
-        self.timeframes: list[str] = sort_timeframes(list(tf_data))
-        self.base_tf: str = self.timeframes[0]
-        self.seq_len = seq_len
-        self.staleness_factor = float(staleness_factor)
-        self._open_ns: list[IntArray] = []
-        self._ohlc: list[FloatArray] = []
-        for tf in self.timeframes:
-            open_ns = _open_ns(tf_data[tf], tf)
-            if len(open_ns) < seq_len:
-                raise DataValidationError(
-                    f"{tf}: only {len(open_ns)} bars, seq_len={seq_len} needs {seq_len}"
-                )
-            steps = np.diff(open_ns)
+        timeframes = sort_timeframes(list(tf_data))
+        open_ns, ohlc = [], []
+        for tf in timeframes:
+            times = _open_ns(tf_data[tf], tf)
+            steps = np.diff(times)
             if steps.size and steps.min() <= 0:
                 row = int(np.argmax(steps <= 0)) + 1
                 raise DataValidationError(
                     f"{tf}: row {row}: open times must be strictly increasing"
                 )
-            self._open_ns.append(open_ns)
-            self._ohlc.append(_ohlc(tf_data[tf], tf))
+            open_ns.append(times)
+            ohlc.append(_ohlc(tf_data[tf], tf))
+        starts = np.array([[0] * len(timeframes), [len(t) for t in open_ns]], dtype=np.int64)
+        blocks = BarBlocks(timeframes, open_ns, ohlc, [instrument], starts)
+        self._setup(blocks, seq_len, staleness_factor, cache_dir)
+
+    @classmethod
+    def from_blocks(
+        cls,
+        blocks: BarBlocks,
+        seq_len: int,
+        staleness_factor: float = 1.0,
+        cache_dir: str | Path | None = None,
+    ) -> MultiTFWindowSampler:
+        """The sampler over the instruments of ``blocks`` (bars already validated)."""
+        sampler = cls.__new__(cls)
+        sampler._setup(blocks, seq_len, staleness_factor, cache_dir)
+        return sampler
+
+    def _setup(
+        self,
+        blocks: BarBlocks,
+        seq_len: int,
+        staleness_factor: float,
+        cache_dir: str | Path | None,
+    ) -> None:
+        if seq_len < 1:
+            raise DataValidationError(f"seq_len: must be >= 1, got {seq_len}")
+        if staleness_factor <= 0:
+            raise DataValidationError(f"staleness_factor: must be > 0, got {staleness_factor}")
+        self.timeframes: list[str] = list(blocks.timeframes)
+        self.base_tf: str = self.timeframes[0]
+        self.seq_len = seq_len
+        self.staleness_factor = float(staleness_factor)
+        self.instruments: list[str] = list(blocks.instruments)
+        self._blocks = blocks
+        self._open_ns: list[IntArray] = blocks.open_ns
+        self._ohlc: list[FloatArray] = blocks.ohlc
+        for i, name in enumerate(self.instruments):
+            for k, tf in enumerate(self.timeframes):
+                rows = blocks.starts[i + 1, k] - blocks.starts[i, k]
+                if rows < seq_len:
+                    where = f"instrument {name}: {tf}" if name else tf
+                    raise DataValidationError(
+                        f"{where}: only {rows} bars, seq_len={seq_len} needs {seq_len}"
+                    )
         self._offsets = np.arange(seq_len - 1, -1, -1, dtype=np.int64)  # oldest → newest
         self.cache_path: Path | None = None
         if cache_dir is None:
-            self.end_rows = self._build_index()
+            self.end_rows = self._build_index(_allocate_in_memory)
+            self.anchor_ns: IntArray = self._anchors(
+                self.end_rows, np.empty(len(self.end_rows), np.int64)
+            )
         else:
             self.cache_path = Path(cache_dir) / f"windows_{self._cache_key()}.npy"
-            self.end_rows = self._load_or_build(self.cache_path)
-        self.anchor_ns: IntArray = self._open_ns[0][self.end_rows[:, 0]] + tf_ns(self.base_tf)
+            self.end_rows, self.anchor_ns = self._load_or_build(self.cache_path)
+        base_rows = self.end_rows[:, 0]  # increasing: blocks in order, anchors in order
+        self.window_starts: IntArray = np.searchsorted(base_rows, blocks.starts[:, 0]).astype(
+            np.int64
+        )
+        self._instrument_ids: npt.NDArray[np.int16] | None = None
 
     # ----------------------------------------------------------------------------- index
-    def _build_index(self) -> IntArray:
-        """end_rows ``[n_windows, n_tf]``: row of each timeframe's newest complete bar."""
-        length = self.seq_len
-        anchors = self._open_ns[0] + tf_ns(self.base_tf)
+    def _block_ends(self, i: int) -> tuple[npt.NDArray[np.bool_], list[npt.NDArray[np.int32]]]:
+        """Instrument ``i``'s windows: valid flag per base bar, and each coarser timeframe's
+        newest complete row per base bar (block-local)."""
+        blocks, length = self._blocks, self.seq_len
+        base = np.asarray(self._open_ns[0][blocks.rows(i, 0)])
+        anchors = base + tf_ns(self.base_tf)
         valid = np.ones(len(anchors), dtype=bool)
         valid[: length - 1] = False
         ends: list[npt.NDArray[np.int32]] = []
         rejected = [f"{min(length - 1, len(anchors))} lack {length} {self.base_tf} bars of history"]
         for k, tf in enumerate(self.timeframes[1:], start=1):
             duration = tf_ns(tf)
-            close_ns = self._open_ns[k] + duration
+            close_ns = np.asarray(self._open_ns[k][blocks.rows(i, k)]) + duration
             end = _newest_complete(close_ns, anchors)
             # `end` grows with the anchor, so the anchors short of history form a prefix.
             n_short = int(np.searchsorted(anchors, close_ns[length - 1], side="left"))
@@ -146,60 +232,141 @@ class MultiTFWindowSampler:
                 f"{int(stale.sum())} have a stale {tf} bar (newest closed more than "
                 f"{self.staleness_factor:g} x {tf_minutes(tf)} min before the anchor)"
             )
-        keep = np.flatnonzero(valid)
-        if len(keep) == 0:
+        if not valid.any():
             reasons = "; ".join(r for r in rejected if not r.startswith("0 "))
+            name = self.instruments[i]
             raise DataValidationError(
-                f"0 valid windows out of {len(anchors)} {self.base_tf} anchors: {reasons}"
+                f"{f'instrument {name}: ' if name else ''}0 valid windows out of "
+                f"{len(anchors)} {self.base_tf} anchors: {reasons}"
             )
-        # Column-major: each timeframe's column is written (and cached) contiguously.
-        end_rows = np.empty((len(keep), len(self.timeframes)), dtype=np.int64, order="F")
-        end_rows[:, 0] = keep  # the base bar of anchor i is row i
-        for k, end in enumerate(ends, start=1):
-            end_rows[:, k] = end[keep]
+        return valid, ends
+
+    def _build_index(self, allocate: Callable[[tuple[int, ...]], IntArray]) -> IntArray:
+        """end_rows ``[n_windows, n_tf]``: global row of each timeframe's newest complete bar,
+        in an array from ``allocate`` (RAM, or the cache file being written). Two passes over
+        the instruments (count, then fill) keep the temporaries to one instrument's size."""
+        n_blocks = len(self.instruments)
+        valid = [self._block_ends(i)[0] for i in range(n_blocks)] if n_blocks > 1 else []
+        counts = [int(v.sum()) for v in valid]
+        first = 0
+        end_rows: IntArray | None = None
+        for i in range(n_blocks):
+            valid_i, ends = self._block_ends(i)
+            if end_rows is None:
+                total = sum(counts) if counts else int(valid_i.sum())
+                # Column-major: each timeframe's column is written (and cached) contiguously.
+                end_rows = allocate((total, len(self.timeframes)))
+            keep = np.flatnonzero(valid_i)
+            out = slice(first, first + len(keep))
+            end_rows[out, 0] = keep + self._blocks.starts[i, 0]  # base bar of anchor j is row j
+            for k, end in enumerate(ends, start=1):
+                end_rows[out, k] = end[keep] + self._blocks.starts[i, k]
+            first += len(keep)
+        assert end_rows is not None
         return end_rows
+
+    def _anchors(self, end_rows: IntArray, out: IntArray) -> IntArray:
+        """Anchor time of every window into ``out`` (chunked: no full-size temporaries)."""
+        base_ns = tf_ns(self.base_tf)
+        for start in range(0, len(end_rows), CHUNK_WINDOWS):
+            rows = np.asarray(end_rows[start : start + CHUNK_WINDOWS, 0])
+            out[start : start + len(rows)] = np.take(self._open_ns[0], rows) + base_ns
+        return out
 
     def _cache_key(self) -> str:
         digest = hashlib.blake2b(digest_size=16)
         params = (
             f"v{CACHE_FORMAT_VERSION}|{self.seq_len}|{self.staleness_factor!r}|{self.timeframes}"
+            f"|{self.instruments}|{self._blocks.starts.tolist()}"
         )
         digest.update(params.encode())
+        if self._blocks.content_key is not None:
+            digest.update(f"|bars:{self._blocks.content_key}".encode())
+            return digest.hexdigest()
         for tf, open_ns in zip(self.timeframes, self._open_ns, strict=True):
             digest.update(f"|{tf}:{len(open_ns)}|".encode())
-            digest.update(open_ns.data)
+            digest.update(np.ascontiguousarray(open_ns).data)
         return digest.hexdigest()
 
-    def _load_or_build(self, path: Path) -> IntArray:
+    def _load_or_build(self, path: Path) -> tuple[IntArray, IntArray]:
+        """The cache file holds ``[n_windows, n_tf + 1]`` int64, column-major: the end rows of
+        every timeframe, then the anchor times (so both come back memory-mapped)."""
         if path.is_file():
             try:
                 # Memory-mapped: no copy; pages are read on first use (written atomically, so
                 # the file never changes under the mapping).
-                mapped = np.load(path, mmap_mode="r", allow_pickle=False)
-                return self._checked_cache(np.asarray(mapped))
+                return self._checked_cache(np.load(path, mmap_mode="r", allow_pickle=False))
             except (OSError, ValueError, EOFError) as exc:
                 warnings.warn(
                     f"sampler cache {path} is unreadable ({exc}); rebuilding it", stacklevel=3
                 )
-        end_rows = self._build_index()
-        with atomic_path(path) as tmp, tmp.open("wb") as fh:
-            np.save(fh, end_rows)
-        return end_rows
+        n_tf = len(self.timeframes)
+        # Built straight into the temporary cache file, then renamed into place.
+        with atomic_path(path) as tmp:
+            table: np.memmap | None = None
 
-    def _checked_cache(self, end_rows: np.ndarray) -> IntArray:
+            def allocate(shape: tuple[int, ...]) -> IntArray:
+                nonlocal table
+                table = np.lib.format.open_memmap(
+                    tmp, mode="w+", dtype=np.int64, shape=(shape[0], n_tf + 1), fortran_order=True
+                )
+                return table[:, :n_tf]
+
+            end_rows = self._build_index(allocate)
+            assert table is not None
+            self._anchors(end_rows, table[:, n_tf])
+            table.flush()
+            del table, end_rows
+        return self._checked_cache(np.load(path, mmap_mode="r", allow_pickle=False))
+
+    def _checked_cache(self, table: np.ndarray) -> tuple[IntArray, IntArray]:
         """Reject a cache file whose content cannot be this data's index (cheaply: rows grow
         with the anchor, so the first and last window bound every row)."""
+        n_tf = len(self.timeframes)
         n_rows = np.array([len(o) for o in self._open_ns])
+        if table.ndim != 2 or table.shape[1] != n_tf + 1 or table.shape[0] == 0:
+            raise ValueError(f"content does not fit the data (shape {table.shape})")
+        end_rows, anchors = table[:, :n_tf], table[:, n_tf]
         if (
-            end_rows.ndim != 2
-            or end_rows.shape[1] != len(self.timeframes)
-            or end_rows.shape[0] == 0
-            or end_rows.dtype != np.int64
+            table.dtype != np.int64
             or (end_rows[0] < self.seq_len - 1).any()
             or (end_rows[-1] >= n_rows).any()
+            or anchors[-1] != self._open_ns[0][end_rows[-1, 0]] + tf_ns(self.base_tf)
         ):
-            raise ValueError(f"content does not fit the data (shape {end_rows.shape})")
-        return end_rows
+            raise ValueError(f"content does not fit the data (shape {table.shape})")
+        return end_rows, anchors
+
+    # ----------------------------------------------------------------------------- instruments
+    @property
+    def instrument_ids(self) -> npt.NDArray[np.int16]:
+        """Instrument (index into ``instruments``) of every window, ``[n_windows]`` (made on
+        first use; ``instrument_of`` answers for a batch without it)."""
+        if self._instrument_ids is None:
+            counts = np.diff(self.window_starts)
+            self._instrument_ids = np.repeat(
+                np.arange(len(self.instruments), dtype=np.int16), counts
+            )
+        return self._instrument_ids
+
+    def instrument_of(self, window_ids: npt.ArrayLike) -> npt.NDArray[np.int64]:
+        """Instrument index of each of ``window_ids``."""
+        ids = np.asarray(window_ids, dtype=np.int64)
+        return np.searchsorted(self.window_starts, ids, side="right").astype(np.int64) - 1
+
+    @property
+    def block_starts(self) -> IntArray:
+        """``[n_instruments + 1, n_tf]``: instrument ``i``'s rows of timeframe ``k`` are
+        ``block_starts[i, k]`` to ``block_starts[i + 1, k]``."""
+        return self._blocks.starts
+
+    def timeframe_bars(self, k: int) -> tuple[IntArray, FloatArray]:
+        """Timeframe ``k``'s bars over all instruments: open times ``[rows]``, OHLC
+        ``[rows, 4]`` (memory-mapped when the bars come from the cache)."""
+        return self._open_ns[k], self._ohlc[k]
+
+    def instrument_windows(self, i: int) -> slice:
+        """Window ids of instrument ``i`` (contiguous, in anchor order)."""
+        return slice(int(self.window_starts[i]), int(self.window_starts[i + 1]))
 
     # ----------------------------------------------------------------------------- access
     def __len__(self) -> int:
@@ -212,12 +379,32 @@ class MultiTFWindowSampler:
 
     def first_open_ns(self, window_ids: npt.ArrayLike | None = None) -> IntArray:
         """Open time of each window's oldest bar over all timeframes, int64 ``[n]``."""
-        rows = self.end_rows if window_ids is None else self.end_rows[np.asarray(window_ids)]
+        ids = np.arange(len(self)) if window_ids is None else np.asarray(window_ids)
         oldest = self.seq_len - 1
-        first = np.take(self._open_ns[0], rows[:, 0] - oldest)
-        for k in range(1, len(self.timeframes)):
-            np.minimum(first, np.take(self._open_ns[k], rows[:, k] - oldest), out=first)
+        first = np.empty(len(ids), dtype=np.int64)
+        for start in range(0, len(ids), CHUNK_WINDOWS):
+            rows = self.end_rows[ids[start : start + CHUNK_WINDOWS]]
+            chunk = first[start : start + len(rows)]
+            np.take(self._open_ns[0], rows[:, 0] - oldest, out=chunk)
+            for k in range(1, len(self.timeframes)):
+                np.minimum(chunk, np.take(self._open_ns[k], rows[:, k] - oldest), out=chunk)
         return first
+
+    def period_ns(self, window_ids: npt.ArrayLike) -> tuple[int, int]:
+        """``(oldest bar open, newest anchor)`` over ``window_ids`` (UTC ns). Increasing ids
+        (a split) need only each instrument's first and last window (oldest open and anchor
+        grow with the id inside an instrument); any others are scanned in chunks."""
+        ids = np.asarray(window_ids)
+        if len(ids) > 1 and bool(np.all(ids[1:] > ids[:-1])):
+            bounds = np.searchsorted(ids, self.window_starts)
+            ends = [(lo, hi) for lo, hi in itertools.pairwise(bounds.tolist()) if hi > lo]
+            ids = np.array([ids[i] for lo, hi in ends for i in (lo, hi - 1)], dtype=np.int64)
+        oldest, newest = np.iinfo(np.int64).max, np.iinfo(np.int64).min
+        for start in range(0, len(ids), CHUNK_WINDOWS):
+            chunk = ids[start : start + CHUNK_WINDOWS]
+            oldest = min(oldest, int(self.first_open_ns(chunk).min()))
+            newest = max(newest, int(np.take(self.anchor_ns, chunk).max()))
+        return oldest, newest
 
     def gather(self, window_ids: npt.ArrayLike) -> tuple[FloatArray, IntArray]:
         """Raw bars of a batch of windows, oldest → newest along the last time axis.
@@ -249,52 +436,126 @@ class MultiTFWindowSampler:
         return window
 
 
+def _kth_anchor(sampler: MultiTFWindowSampler, k: int) -> int:
+    """The ``k``-th smallest anchor time (1-based) over the windows of every instrument, found
+    by bisecting on time (each instrument's anchors are sorted), without sorting them all."""
+    blocks = [
+        sampler.anchor_ns[sampler.instrument_windows(i)] for i in range(len(sampler.instruments))
+    ]
+    if len(blocks) == 1:
+        return int(blocks[0][k - 1])
+    low = min(int(b[0]) for b in blocks if len(b))
+    high = max(int(b[-1]) for b in blocks if len(b))
+    while low < high:  # smallest t with count(anchor <= t) >= k: an anchor itself
+        mid = low + (high - low) // 2
+        if sum(int(np.searchsorted(b, mid, side="right")) for b in blocks) >= k:
+            high = mid
+        else:
+            low = mid + 1
+    return low
+
+
+def _first_opening_at(sampler: MultiTFWindowSampler, lo: int, hi: int, bound_ns: int) -> int:
+    """The first window id in ``[lo, hi)`` (one instrument's) whose oldest bar opens at or after
+    ``bound_ns``, else ``hi``. Inside an instrument every timeframe's end row grows with the
+    window id, so the oldest open does too: bisection finds it."""
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if sampler.first_open_ns([mid])[0] >= bound_ns:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def split_cut_times(
+    sampler: MultiTFWindowSampler, train_frac: float, val_frac: float
+) -> tuple[int, int]:
+    """``(train_end, val_end)``: the anchor times (UTC ns) that close the train and the val cut,
+    the same calendar times for every instrument. Train takes the windows anchored at or before
+    ``train_end`` (the ``train_frac`` share of all windows, pooled over instruments), val those
+    after it up to ``val_end`` (``val_end == train_end`` when val is empty), test the rest."""
+    n = len(sampler)
+    n_train, n_val = int(n * train_frac), int(n * val_frac)
+    if n_train == 0:
+        raise DataValidationError(
+            f"train split: {n} windows x train_frac={train_frac} leaves no train window"
+        )
+    train_end = _kth_anchor(sampler, n_train)
+    return train_end, _kth_anchor(sampler, n_train + n_val) if n_val else train_end
+
+
 def chronological_splits(
     sampler: MultiTFWindowSampler, train_frac: float, val_frac: float, embargo_ns: int
 ) -> dict[str, IntArray]:
     """Window ids of ``train``, ``val`` and ``test``, cut by anchor time with an embargo.
 
-    Windows are cut in anchor order into fractions ``train_frac``, ``val_frac`` and the rest. A
-    val window is kept only if its oldest bar (over ALL timeframes) opens at or after the last
-    train anchor + ``embargo_ns``; likewise a test window against the last anchor of the val cut
-    (or of train when ``val_frac`` is 0). Rows of every timeframe used by different splits are
-    then checked to be disjoint (raises ``AssertionError`` otherwise, which would be a bug).
+    The cut times come from :func:`split_cut_times` and are the same for every instrument
+    (correlated pairs would otherwise leak across splits). A val window is kept only if its
+    oldest bar (over ALL timeframes) opens at or after the train cut + ``embargo_ns``; likewise a
+    test window against the val cut. Rows of every timeframe used by different splits are then
+    checked to be disjoint, instrument by instrument (``AssertionError`` otherwise: a bug).
     """
-    n = len(sampler)
-    n_train = int(n * train_frac)
-    n_val = int(n * val_frac)
-    if n_train == 0:
-        raise DataValidationError(
-            f"train split: {n} windows x train_frac={train_frac} leaves no train window"
+    train_end, val_end = split_cut_times(sampler, train_frac, val_frac)
+    parts: dict[str, list[IntArray]] = {"val": [], "test": []}
+    train_ranges = []
+    cut_sizes = {"val": 0, "test": 0}
+    for i in range(len(sampler.instruments)):
+        window = sampler.instrument_windows(i)
+        anchors = sampler.anchor_ns[window]
+        first, stop_train, stop_val, stop = (
+            window.start,
+            window.start + int(np.searchsorted(anchors, train_end, side="right")),
+            window.start + int(np.searchsorted(anchors, val_end, side="right")),
+            window.stop,
         )
-    first_open = sampler.first_open_ns()
-    ids = np.arange(n, dtype=np.int64)
-    cuts = {"train": ids[:n_train], "val": ids[n_train : n_train + n_val]}
-    cuts["test"] = ids[n_train + n_val :]
-    splits = {"train": cuts["train"]}
-    previous_end = int(sampler.anchor_ns[n_train - 1])
-    for name in ("val", "test"):
-        cut = cuts[name]
-        splits[name] = cut[first_open[cut] >= previous_end + embargo_ns]
-        if len(cut) and len(splits[name]) == 0:
+        train_ranges.append((first, stop_train))
+        for name, (lo, hi), bound in (
+            ("val", (stop_train, stop_val), train_end),
+            ("test", (stop_val, stop), val_end),
+        ):
+            cut_sizes[name] += hi - lo
+            kept = _first_opening_at(sampler, lo, hi, bound + embargo_ns)
+            parts[name].append(np.arange(kept, hi, dtype=np.int64))
+    # Filled in place: the train ids are most of the windows (no concatenated copy).
+    train = np.empty(sum(hi - lo for lo, hi in train_ranges), dtype=np.int64)
+    filled = 0
+    for lo, hi in train_ranges:
+        train[filled : filled + hi - lo] = np.arange(lo, hi)
+        filled += hi - lo
+    splits = {"train": train, **{name: np.concatenate(ids) for name, ids in parts.items()}}
+    for name, size in cut_sizes.items():
+        if size and len(splits[name]) == 0:
             raise DataValidationError(
-                f"{name} split: all {len(cut)} windows start within the embargo of "
+                f"{name} split: all {size} windows start within the embargo of "
                 f"{embargo_ns / 60e9:g} min after the previous split; use more data or a "
                 "smaller seq_len / data.embargo_minutes"
             )
-        if len(cut):
-            previous_end = int(sampler.anchor_ns[cut[-1]])
     _assert_no_shared_bars(sampler, splits)
     return splits
 
 
 def _assert_no_shared_bars(sampler: MultiTFWindowSampler, splits: dict[str, IntArray]) -> None:
-    """Every timeframe's row ranges of consecutive splits must not overlap."""
+    """Per instrument, every timeframe's row ranges of consecutive splits must not overlap.
+
+    A split's ids are increasing and an instrument's end rows grow with the window id (the
+    index is built in anchor order), so a split's rows within an instrument span from its first
+    window's oldest row to its last window's newest row."""
     order = [name for name in ("train", "val", "test") if len(splits[name])]
-    for earlier, later in itertools.pairwise(order):
-        last_row = sampler.end_rows[splits[earlier]].max(axis=0)
-        first_row = sampler.end_rows[splits[later]].min(axis=0) - (sampler.seq_len - 1)
-        shared = last_row >= first_row
-        if shared.any():
-            tfs = [tf for tf, s in zip(sampler.timeframes, shared, strict=True) if s]
-            raise AssertionError(f"splits {earlier} and {later} share bars of {tfs}")
+    for i, instrument in enumerate(sampler.instruments):
+        spans = {}
+        for name in order:
+            lo, hi = np.searchsorted(splits[name], sampler.window_starts[i : i + 2])
+            if hi > lo:
+                ids = splits[name][lo:hi]
+                spans[name] = (
+                    sampler.end_rows[ids[0]] - (sampler.seq_len - 1),
+                    sampler.end_rows[ids[-1]],
+                )
+        names = list(spans)
+        for earlier, later in itertools.pairwise(names):
+            shared = spans[earlier][1] >= spans[later][0]
+            if shared.any():
+                tfs = [tf for tf, s in zip(sampler.timeframes, shared, strict=True) if s]
+                where = f" of instrument {instrument}" if instrument else ""
+                raise AssertionError(f"splits {earlier} and {later} share bars{where} of {tfs}")

@@ -105,11 +105,39 @@ def write_synthetic_dataset(
     timeframes: Sequence[str],
     seed: int = 0,
     force: bool = False,
+    instrument: str | None = None,
+    start: str | pd.Timestamp = START,
+    price_scale: float = 1.0,
 ) -> Path:
     """Generate M1 bars, save them as Parquet and run :func:`~stage1.data.prepare.prepare` on
-    them (the same code path as real data); return the derived data directory."""
+    them (the same code path as real data); return the derived data directory. ``price_scale``
+    multiplies every price (e.g. 0.01 for a EURUSD-like level)."""
+    bars = generate_m1(n_rows, seed=seed, start=start)
+    if price_scale != 1.0:
+        bars = bars * price_scale
     with tempfile.TemporaryDirectory(prefix="stage1-synthetic-") as tmp:
         source = Path(tmp) / f"synthetic_m1_seed{seed}_n{n_rows}.parquet"
-        write_bars(generate_m1(n_rows, seed=seed), source)
-        prepare(source, out_dir, tz="UTC", fmt="auto", timeframes=timeframes, force=force)
+        write_bars(bars, source)
+        prepare(source, out_dir, "UTC", "auto", timeframes, force=force, instrument=instrument)
     return Path(out_dir)
+
+
+def write_synthetic_root(
+    root: str | Path,
+    instruments: Sequence[str],
+    n_rows: int,
+    timeframes: Sequence[str],
+    seed: int = 0,
+    stagger_minutes: int = 1440,
+) -> Path:
+    """A data root with one prepared directory per instrument (``root/<name>/``): different
+    seeds, each instrument starting ``stagger_minutes`` after the previous one (so the periods
+    overlap but differ), JPY-quoted names at ~110, others at ~1.1."""
+    for i, name in enumerate(instruments):
+        start = pd.Timestamp(START, tz="UTC") + pd.Timedelta(minutes=i * stagger_minutes)
+        scale = 1.0 if name.upper().endswith("JPY") else 0.01
+        write_synthetic_dataset(
+            Path(root) / name, n_rows, timeframes, seed + i, instrument=name, start=start,
+            price_scale=scale,
+        )  # fmt: skip
+    return Path(root)

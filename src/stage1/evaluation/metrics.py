@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from stage1.data.features import CLOSE, DELTA_CLOSE, FEATURE_NAMES, N_FEATURES
+from stage1.data.instruments import pip_size as pip_size  # the pip rule, re-exported
 from stage1.data.timeframes import tf_ns
 from stage1.evaluation.agg import baseline_agg
 from stage1.evaluation.baselines import (
@@ -147,11 +148,6 @@ def consistency_counts(
     aggregated = np.take_along_axis(base_close, last_inside, axis=1)
     agree = checked & (np.abs(tf_close - aggregated) <= tolerance)
     return int(agree.sum()), int(checked.sum())
-
-
-def pip_size(median_price: float) -> float:
-    """Pip by price level: 0.01 for JPY-quoted pairs (median price > 20), else 0.0001."""
-    return 0.01 if median_price > 20 else 0.0001
 
 
 def _finite_or_none(value: float) -> float | None:

@@ -21,7 +21,12 @@ VALIDATION_FRAC = 0.2
 
 
 def probe_targets(
-    close: np.ndarray, open_ns: np.ndarray, end_rows: np.ndarray, horizon_bars: int, bar_ns: int
+    close: np.ndarray,
+    open_ns: np.ndarray,
+    end_rows: np.ndarray,
+    horizon_bars: int,
+    bar_ns: int,
+    row_end: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Next-horizon targets for anchors at base-timeframe rows ``end_rows``.
 
@@ -31,6 +36,8 @@ def probe_targets(
     labels only; they never enter a window. An anchor is valid when ``horizon_bars`` bars follow
     it, the last of them opens within ``2 × horizon_bars`` bar durations of the anchor bar (no
     weekend or data gap swallowed by the horizon) and the realised volatility is positive.
+    ``row_end`` (optional, ``[n]``): the end of each anchor's instrument block in the rows
+    (several instruments share one row space); a horizon must end before it.
 
     Returns ``(log_vol [n], sign [n] int64, valid [n] bool)``; targets of invalid anchors are 0.
     """
@@ -40,7 +47,7 @@ def probe_targets(
     # Prefix sums give every anchor's horizon sum in O(1), without looping over windows.
     cum_sq = np.concatenate([[0.0], np.cumsum(np.diff(log_close) ** 2)])
     horizon_end = end_rows + horizon_bars
-    valid = horizon_end < log_close.size
+    valid = horizon_end < (log_close.size if row_end is None else np.asarray(row_end))
     safe_end = np.where(valid, horizon_end, end_rows)
     valid &= open_ns[safe_end] - open_ns[end_rows] <= 2 * horizon_bars * bar_ns
     sum_sq = cum_sq[safe_end] - cum_sq[end_rows]

@@ -235,6 +235,24 @@ def _coverage_table(per_tf: Mapping[str, Mapping[str, Any]]) -> str:
     return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
 
 
+def _instrument_table(per_instrument: Mapping[str, Mapping[str, Any]]) -> str:
+    """One row per instrument: windows, pip and the mean skills (each on its own windows)."""
+    keys = ("skill_last", "skill_interp", "skill_bridge", "skill_agg", "skill_best", "mae_pips")
+    head = "".join(f"<th>{k}</th>" for k in ("instrument", "n_windows", "pip", *keys))
+    rows = []
+    for name, entry in per_instrument.items():
+        mean = entry.get("mean", {})
+        pip = entry.get("pip")
+        cells = [
+            html.escape(name),
+            f"{entry.get('n_windows', 0):,}",
+            "–" if pip is None else f"{pip:g}",
+        ]
+        cells += [_fmt(mean.get(k)) for k in keys]
+        rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
+
+
 def _probe_table(probe: Mapping[str, Mapping[str, Any]]) -> str:
     columns = ("vol_r2", "sign_acc", "sign_auc", "n_train", "n_test")
     head = "".join(f"<th>{c}</th>" for c in ("features", *columns))
@@ -271,6 +289,13 @@ def write_html(metrics: Mapping[str, Any], images: Sequence[Path], path: Path) -
         if unsync
         else ""
     )
+    per_instrument = metrics.get("per_instrument") or {}
+    instrument_html = (
+        "<h2>Per instrument (each on its own windows; the tables above pool them)</h2>"
+        + _instrument_table(per_instrument)
+        if len(per_instrument) > 1
+        else ""
+    )
     page = f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>Stage 1 evaluation</title>
 <style>
@@ -293,6 +318,7 @@ masks: {html.escape(str(metrics.get("masking", {})))}</p>
 <p>mae in normalised units (price features), mae_price in price units, mae_pips in pips
 ({html.escape(str(metrics.get("definitions", {}).get("pip", "")))}).</p>
 {_metrics_table(metrics.get("per_tf", {}), metrics.get("mean", {}))}
+{instrument_html}
 <h2>Coarser timeframes: hidden bars with and without visible finer bars inside</h2>
 <p>covered: at least one visible bar of a finer timeframe opens inside the bar's period (agg
 reads them); uncovered: none (agg is the bridge there).</p>

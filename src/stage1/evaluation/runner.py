@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
@@ -27,9 +26,10 @@ from stage1.checkpoint import load_checkpoint
 from stage1.config import ConfigLike, as_config, config_hash, config_to_dict, load_config
 from stage1.data.dataset import Stage1Dataset, build_sampler, build_splits
 from stage1.data.features import FeatureEngineer
-from stage1.data.io import load_tf_data
+from stage1.data.instruments import DataDirs, find_instruments
 from stage1.data.masking import evaluation_masking
 from stage1.data.normalization import TFNormalizer
+from stage1.data.sampler import MultiTFWindowSampler
 from stage1.data.timeframes import tf_ns
 from stage1.errors import ConfigError, DataValidationError
 from stage1.evaluation.metrics import (
@@ -52,7 +52,7 @@ from stage1.utils import atomic_write_text
 EVAL_BATCH_SIZE = 256
 MASK_SAMPLE_WINDOWS = 64
 UNSYNC_MAX_WINDOWS = 20_000
-OVERRIDABLE_PREFIXES = ("evaluation.", "data.cache_dir")
+OVERRIDABLE_PREFIXES = ("evaluation.", "data.cache_dir", "data.instruments")
 
 DEFINITIONS = {
     "space": (
@@ -214,8 +214,12 @@ def run_probes(
     bar_ns = tf_ns(train.sampler.base_tf)
     sets = {}
     for name, dataset in (("train", train), ("test", evaluated)):
-        end_rows = dataset.sampler.end_rows[dataset.window_ids, 0]
-        log_vol, sign, valid = probe_targets(base_close, base_open_ns, end_rows, horizon, bar_ns)
+        sampler = dataset.sampler
+        end_rows = sampler.end_rows[dataset.window_ids, 0]
+        row_end = sampler.block_starts[sampler.instrument_of(dataset.window_ids) + 1, 0]
+        log_vol, sign, valid = probe_targets(
+            base_close, base_open_ns, end_rows, horizon, bar_ns, row_end
+        )
         positions = _evenly_spaced(np.flatnonzero(valid), limit)
         feats = probe_features(dataset, positions, models, device, f"probe features ({name})")
         sets[name] = (feats, log_vol[positions], sign[positions])
@@ -237,16 +241,19 @@ def reconstruct_split(
     device: torch.device,
     sync: bool,
     positions: np.ndarray | None = None,
+    per_instrument: dict[int, MetricAccumulator] | None = None,
 ) -> tuple[MetricAccumulator, PlotSamples]:
     """Mask and reconstruct the windows at ``positions`` of ``dataset`` (default: EVERY window,
     in order), accumulate the metrics, and keep a few evenly spaced windows for the plots.
 
     Masks come from one generator seeded with ``evaluation.seed``, batch after batch, with
-    ``sync`` choosing calendar-synchronised masks.
+    ``sync`` choosing calendar-synchronised masks. ``per_instrument``: also accumulate each
+    instrument's windows on their own, into ``per_instrument[instrument index]`` (filled in).
     """
     config = as_config(config)
     normalizer, engineer = dataset.normalizer, FeatureEngineer(config)
-    accumulator = MetricAccumulator(dataset.sampler.timeframes, normalizer.std.double().numpy())
+    std = normalizer.std.double().numpy()
+    accumulator = MetricAccumulator(dataset.sampler.timeframes, std)
     generator = torch.Generator(device=device).manual_seed(int(config.evaluation.seed))
     positions = np.arange(len(dataset)) if positions is None else np.asarray(positions)
     n_plot = min(int(config.evaluation.n_plot_windows), len(positions))
@@ -266,11 +273,19 @@ def reconstruct_split(
         out = out["reconstructed"].float().cpu()
         pred = normalizer.denormalize(out).double()
         masks_np = masks.cpu().numpy()
-        interp = accumulator.update(
+        arrays = (
             truth.numpy(), pred.numpy(), masks_np, batch["times"].numpy(),
             engineer.to_prices(truth, batch["ref_price"]).numpy(),
             engineer.to_prices(pred, batch["ref_price"]).numpy(),
         )  # fmt: skip
+        interp = accumulator.update(*arrays)
+        if per_instrument is not None:
+            owners = dataset.sampler.instrument_of(batch["window_ids"].numpy())
+            for owner in np.unique(owners):
+                rows = owners == owner
+                if int(owner) not in per_instrument:
+                    per_instrument[int(owner)] = MetricAccumulator(dataset.sampler.timeframes, std)
+                per_instrument[int(owner)].update(*(a[rows] for a in arrays))
         if start < MASK_SAMPLE_WINDOWS:
             mask_sample.append(masks_np[: MASK_SAMPLE_WINDOWS - start])
         rows = [r - start for r in range(start, start + len(masks_np)) if r in plot_rows]
@@ -296,9 +311,35 @@ def reconstruct_split(
     return accumulator, samples
 
 
+def instrument_pips(sampler: MultiTFWindowSampler, data_dir: DataDirs) -> list[float]:
+    """Pip of every instrument of ``sampler``: its manifest's ``pip_size`` (``stage1 prepare``),
+    else by the price level of its base closes (``pip_size``)."""
+    selected = [name for name in sampler.instruments if name]
+    found = {
+        instrument.name: instrument
+        for instrument in find_instruments(data_dir, [sampler.base_tf], selected or None)
+    }
+    pips = []
+    for i, name in enumerate(sampler.instruments):
+        manifest = found[name].manifest() if name in found else None
+        if manifest and manifest.get("pip_size"):
+            pips.append(float(manifest["pip_size"]))
+            continue
+        rows = slice(int(sampler.block_starts[i, 0]), int(sampler.block_starts[i + 1, 0]))
+        close = np.asarray(sampler.timeframe_bars(0)[1][rows, 3])
+        pips.append(pip_size(float(np.median(close)), name or None))
+    return pips
+
+
+def _describe_dirs(data_dir: DataDirs) -> str | list[str]:
+    dirs = [data_dir] if isinstance(data_dir, (str, Path)) else list(data_dir)
+    resolved = [str(Path(d).resolve()) for d in dirs]
+    return resolved[0] if len(resolved) == 1 else resolved
+
+
 def evaluate_checkpoint(
     ckpt: str | Path,
-    data_dir: str | Path,
+    data_dir: DataDirs,
     split: str | None = None,
     config_path: str | None = None,
     overrides: Sequence[str] = (),
@@ -325,16 +366,29 @@ def evaluate_checkpoint(
             f"{data_dir}: the {split} split has no windows (split fractions and embargo leave "
             "none); evaluate another split or use more data"
         )
-    base = load_tf_data(data_dir, [sampler.base_tf])[sampler.base_tf]
-    base_close = base["close"].to_numpy(dtype=np.float64)
-    base_open_ns = np.asarray(pd.DatetimeIndex(base.index).as_unit("ns").asi8, dtype=np.int64)
-    pip = pip_size(float(np.median(base_close)))
+    base_open, base_ohlc = sampler.timeframe_bars(0)
+    base_close = np.asarray(base_ohlc[:, 3], dtype=np.float64)
+    base_open_ns = np.asarray(base_open, dtype=np.int64)
+    pips = instrument_pips(sampler, data_dir)
+    # Pooled pips only where every instrument has the same pip (mixed price units otherwise).
+    pip = pips[0] if len(set(pips)) == 1 else None
 
     sync = bool(config.evaluation.sync_masks)
     max_windows = config.evaluation.max_windows
     scored = None if max_windows is None else _evenly_spaced(np.arange(len(evaluated)), max_windows)
-    accumulator, samples = reconstruct_split(model, evaluated, config, device, sync, scored)
+    by_instrument: dict[int, MetricAccumulator] = {}
+    accumulator, samples = reconstruct_split(
+        model, evaluated, config, device, sync, scored, by_instrument
+    )
     main = accumulator.result(pip=pip)
+    per_instrument = {}
+    for i, name in enumerate(sampler.instruments):
+        if i in by_instrument:
+            result = by_instrument[i].result(pip=pips[i])
+            per_instrument[name or "data"] = {
+                "n_windows": result["n_windows"], "pip": pips[i],
+                "per_tf": result["per_tf"], "mean": result["mean"],
+            }  # fmt: skip
     models = {
         "encoder": model,
         "random": random_model_like(config, int(config.evaluation.seed), device, normalizer),
@@ -347,11 +401,13 @@ def evaluate_checkpoint(
         "n_windows": main["n_windows"],
         "per_tf": main["per_tf"],
         "mean": main["mean"],
+        "per_instrument": per_instrument,
+        "instruments": list(sampler.instruments),
         "probe": probe,
         "alarms": leak_alarms(main["per_tf"], probe),
         "checkpoint": str(Path(ckpt).resolve()),
         "checkpoint_meta": {k: v for k, v in meta.items() if k != "versions"},
-        "data_dir": str(Path(data_dir).resolve()),
+        "data_dir": _describe_dirs(data_dir),
         "config_hash": config_hash(config, ("data", "model", "masking", "evaluation")),
         "masking": {
             "synchronised": sync,
