@@ -75,6 +75,7 @@ VARIANTS: dict[str, Variant] = {
     "cpu_mask_015": Variant(
         "cpu", ["masking.mask_ratio=0.15"], "the previous cpu.yaml: 15 % hidden in training"
     ),
+    "cpu_mask_060": Variant("cpu", ["masking.mask_ratio=0.6"], "cpu.yaml hiding 60 % in training"),
     "screen_cpu": Variant("cpu", SCREEN, "cpu.yaml at the screening budget (300 steps)"),
     "screen_huber_delta1": Variant(
         "cpu",
