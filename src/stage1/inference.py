@@ -1,8 +1,8 @@
 """Stage1InferenceEngine and ``stage1 encode``: encoder embeddings for the Stage 2 RL agent.
 
 Windows are built by exactly the training code: :class:`MultiTFWindowSampler` (same
-``seq_len`` and staleness rule, no look-ahead), ``gather``, ``FeatureEngineer.process_batch``
-and the checkpoint's ``TFNormalizer``; the model then runs without masks. So an anchor time
+``seq_len`` and staleness rule, no look-ahead) and :class:`DeviceBatchBuilder` on the engine's
+device (gather, features, the checkpoint's ``TFNormalizer``); the model then runs without masks. So an anchor time
 gets the same embedding here as the ``encoded`` output training computes for that window.
 
 An embedding is keyed by its anchor: the CLOSE time of the newest base-timeframe bar in the
@@ -40,6 +40,7 @@ import torch
 from tqdm import tqdm
 
 from stage1.checkpoint import load_checkpoint
+from stage1.data.device_batch import DeviceBatchBuilder
 from stage1.data.features import FeatureEngineer
 from stage1.data.io import bars_from_frame, load_tf_data, validate_bars
 from stage1.data.normalization import TFNormalizer
@@ -141,6 +142,7 @@ class Stage1InferenceEngine:
         self.seq_len = int(self.config.data.seq_len)
         self.latent_len = int(self.model.latent_len)
         self.d_model = int(self.model.d_model)
+        self._builder: tuple[MultiTFWindowSampler, DeviceBatchBuilder] | None = None
 
     # ------------------------------------------------------------------------ windows
     def embedding_shape(self, pool: str | None = None) -> tuple[int, ...]:
@@ -205,10 +207,16 @@ class Stage1InferenceEngine:
 
     def window_features(self, ohlc: npt.NDArray[np.float64] | torch.Tensor) -> torch.Tensor:
         """Model input of raw windows: ``ohlc [B, n_tf, seq_len, 4]`` float64 prices →
-        normalised features float32 ``[B, n_tf, seq_len, 6]`` on CPU (``process_batch`` then
-        the checkpoint's ``normalize``, as in training)."""
-        features, _ = self.feature_engineer.process_batch(ohlc)
-        return self.normalizer.normalize(features)
+        normalised features float32 ``[B, n_tf, seq_len, 6]`` on CPU (``process_batch`` with the
+        checkpoint's normaliser: the math of training batches)."""
+        return self.feature_engineer.process_batch(torch.as_tensor(ohlc).cpu(), self.normalizer)[0]
+
+    def batch_builder(self, sampler: MultiTFWindowSampler) -> DeviceBatchBuilder:
+        """``sampler``'s batch builder on the engine's device (kept for the last sampler)."""
+        if self._builder is None or self._builder[0] is not sampler:
+            builder = DeviceBatchBuilder(sampler, self.normalizer, self.device)
+            self._builder = (sampler, builder)
+        return self._builder[1]
 
     def embed_windows(
         self,
@@ -217,12 +225,11 @@ class Stage1InferenceEngine:
         pool: str | None = None,
     ) -> torch.Tensor:
         """Embeddings of ``sampler``'s windows, float32 on CPU: ``[B, n_tf, latent_len,
-        d_model]`` or pooled ``[B, D]``. Features exactly as ``Stage1Dataset.get_batch`` builds
-        them (gather → process_batch → normalize, on CPU), then ``model.encode(features)``."""
-        ohlc, _ = sampler.gather(window_ids)
-        features = self.window_features(ohlc)
+        d_model]`` or pooled ``[B, D]``. Features exactly as training builds them
+        (:class:`DeviceBatchBuilder`, here on the engine's device), then ``model.encode``."""
+        features = self.batch_builder(sampler).features(window_ids)
         with torch.inference_mode():
-            encoded = self.model.encode(features.to(self.device))
+            encoded = self.model.encode(features)
             embeddings = pool_embeddings(encoded, pool).float().cpu()
         # A clone made outside inference mode is an ordinary tensor, so an agent may feed it
         # to a network it trains (inference tensors refuse to be saved for backward).
