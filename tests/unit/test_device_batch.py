@@ -147,3 +147,20 @@ def test_the_accelerator_gather_equals_the_cpu_one(synthetic_sampler) -> None:
 def test_a_foreign_normalizer_is_refused(synthetic_sampler) -> None:
     with pytest.raises(ValueError, match="normalizer is for timeframes"):
         DeviceBatchBuilder(synthetic_sampler, TFNormalizer(["m1", "h1"]))
+
+
+def test_masks_from_the_overlap_tables_equal_the_searched_ones(real) -> None:
+    """``sync_bounds`` (per-bar overlap rows found once) give exactly the masks that searching
+    each batch's own times gives, for the same seed, on real windows with weekend gaps."""
+    sampler, normalizer, ids = real
+    batch = DeviceBatchBuilder(sampler, normalizer).batch(ids)
+    assert batch["sync_bounds"].shape == (len(ids), 15, 2, sampler.seq_len)
+    masking = MaskingStrategy(load_config("base").masking, sampler.timeframes, sampler.seq_len)
+    for seed in range(3):
+        searched = masking.generate(batch["times"], torch.Generator().manual_seed(seed))
+        tabled = masking.generate(
+            batch["times"], torch.Generator().manual_seed(seed), sync_bounds=batch["sync_bounds"]
+        )
+        assert torch.equal(tabled, searched)
+        unsynced = masking.generate(batch["times"], torch.Generator().manual_seed(seed), sync=False)
+        assert not torch.equal(unsynced, searched)  # the synchronisation did hide more bars

@@ -13,6 +13,33 @@ from stage1.data.features import DELTA_CLOSE
 from stage1.data.timeframes import sort_timeframes, tf_ns
 
 
+def sync_pairs(n_tf: int) -> list[tuple[int, int]]:
+    """(coarse j, finer k) timeframe pairs in the order :meth:`MaskingStrategy._sync` visits."""
+    return [(j, k) for j in range(1, n_tf) for k in range(j)]
+
+
+def overlap_row_tables(
+    open_ns: Sequence[torch.Tensor], durations_ns: Sequence[int]
+) -> list[torch.Tensor]:
+    """Per coarse timeframe ``j >= 1``: int64 ``[rows_j, 2, j]``, for each finer ``k < j`` the
+    rows ``[lo, hi)`` of ``k`` whose bars overlap bar ``i`` of ``j`` in calendar time (open in
+    ``(open - d_k, open + d_j)``), as ``searchsorted`` finds them.
+
+    ``open_ns``: each timeframe's sorted open times (int64, one device). A window's bars of ``k``
+    are a contiguous slice ``[start, start + L)`` of these rows, so ``clamp(lo - start, 0, L)``
+    is what ``searchsorted`` over the window's own times returns; ``MaskingStrategy`` then skips
+    that search (the costliest part of synchronised masks)."""
+    tables = []
+    for j in range(1, len(open_ns)):
+        lo = [
+            torch.searchsorted(open_ns[k], open_ns[j] - durations_ns[k], right=True)
+            for k in range(j)
+        ]
+        hi = [torch.searchsorted(open_ns[k], open_ns[j] + durations_ns[j]) for k in range(j)]
+        tables.append(torch.stack([torch.stack(lo, -1), torch.stack(hi, -1)], dim=1))
+    return tables
+
+
 def mask_model_input(features: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """What the model may see: hidden bars zeroed, and ``delta_close`` zeroed on every bar
     whose predecessor is hidden (it is that hidden close's difference to a visible close).
@@ -74,6 +101,18 @@ class MaskingStrategy:
         self.max_hidden = [
             max(1, min(math.ceil(target), seq_len - first)) for first in self.first_maskable
         ]
+        self._device_constants: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+
+    def _constants(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """``first_maskable``, ``max_hidden`` and ``span_scale`` on ``device``, made once: a
+        copy from a host list to a GPU would wait for the GPU's queue at every batch."""
+        if device not in self._device_constants:
+            self._device_constants[device] = (
+                torch.tensor(self.first_maskable, device=device),
+                torch.tensor(self.max_hidden, device=device),
+                torch.tensor(self.span_scale, dtype=torch.float64, device=device)[:, None],
+            )
+        return self._device_constants[device]
 
     def span_bounds(self, k: int) -> tuple[int, int]:
         """Shortest and longest span of timeframe ``k``, in its own bars (before clipping)."""
@@ -89,12 +128,16 @@ class MaskingStrategy:
         generator: torch.Generator | None = None,
         sync: bool | None = None,
         right_edge: float | None = None,
+        sync_bounds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Masks for a batch: ``times`` int64 ``[B, n_tf, seq_len]`` (bar open, UTC ns) →
         bool ``[B, n_tf, seq_len]`` on ``times.device``, True = hidden.
 
         ``sync=None`` uses ``masking.sync_tf``, ``right_edge=None`` uses
         ``masking.right_edge_ratio``; ``generator`` must live on ``times.device``.
+        ``sync_bounds`` (int64 ``[B, n_pairs, 2, seq_len]``, a batch's ``'sync_bounds'`` from
+        ``DeviceBatchBuilder``): the overlap bounds the synchronisation would search for, in
+        :func:`sync_pairs` order; the masks are the same with or without them.
         """
         batch, n_tf, length = times.shape
         if n_tf != len(self.timeframes) or length != self.seq_len:
@@ -106,8 +149,7 @@ class MaskingStrategy:
         def rand(*shape: int) -> torch.Tensor:
             return torch.rand(shape, generator=generator, device=device)
 
-        first = torch.tensor(self.first_maskable, device=device)  # [n_tf]
-        cap = torch.tensor(self.max_hidden, device=device)
+        first, cap, scale = self._constants(device)  # [n_tf], [n_tf], [n_tf, 1]
         target = self.mask_ratio * length
         n_hidden = (math.floor(target) + (rand(batch, n_tf) < target % 1).long()).clamp(min=1)
         n_hidden = torch.minimum(n_hidden, cap)  # [B, n_tf]
@@ -118,7 +160,6 @@ class MaskingStrategy:
             self.span_min_bars
             + (rand(batch, n_tf, n_spans) * (self.span_max_bars - self.span_min_bars + 1)).long()
         )
-        scale = torch.tensor(self.span_scale, dtype=torch.float64, device=device)[:, None]
         span = torch.round(base_len * scale).long().clamp(min=1)
         before = span.cumsum(-1) - span
         span = torch.minimum(span, n_hidden[..., None] - before).clamp(min=0)
@@ -149,23 +190,30 @@ class MaskingStrategy:
         masks = edges.cumsum(-1)[..., :length] > 0
 
         if self.sync_tf if sync is None else sync:
-            masks = self._sync(masks, times)
+            masks = self._sync(masks, times, sync_bounds)
         return masks
 
-    def _sync(self, masks: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
+    def _sync(
+        self, masks: torch.Tensor, times: torch.Tensor, bounds: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Hide every coarser bar that overlaps a hidden finer bar (bars are [open, open + d))."""
         masks = masks.clone()
         zero = torch.zeros(masks.shape[0], 1, dtype=torch.long, device=masks.device)
         # hidden_before[k][:, i]: hidden bars of timeframe k before position i (final masks).
         hidden_before = [torch.cat([zero, masks[:, 0].long().cumsum(-1)], -1)]
         fine_open = [times[:, k].contiguous() for k in range(times.shape[1])]
+        pair = 0
         for j in range(1, masks.shape[1]):
             for k in range(j):
                 # Fine bars overlapping the coarse bar [o, o + d_j): open in (o - d_k, o + d_j).
-                lo = torch.searchsorted(
-                    fine_open[k], fine_open[j] - self.tf_durations_ns[k], right=True
-                )
-                hi = torch.searchsorted(fine_open[k], fine_open[j] + self.tf_durations_ns[j])
+                if bounds is not None:
+                    lo, hi = bounds[:, pair, 0], bounds[:, pair, 1]
+                else:
+                    lo = torch.searchsorted(
+                        fine_open[k], fine_open[j] - self.tf_durations_ns[k], right=True
+                    )
+                    hi = torch.searchsorted(fine_open[k], fine_open[j] + self.tf_durations_ns[j])
+                pair += 1
                 counts = hidden_before[k].gather(-1, hi) - hidden_before[k].gather(-1, lo)
                 masks[:, j] |= counts > 0
             hidden_before.append(torch.cat([zero, masks[:, j].long().cumsum(-1)], -1))
