@@ -183,7 +183,9 @@ def build_trainer(
         ),
         EarlyStopping(monitor=monitor, mode="min", patience=train_cfg.early_stopping_patience),
         LearningRateMonitor(logging_interval="step"),
-        TQDMProgressBar(),
+        # The bar reads the logged loss back from the device at each refresh: refreshing only
+        # where metrics are logged anyway keeps the other steps free of host syncs.
+        TQDMProgressBar(refresh_rate=max(int(train_cfg.log_every_n_steps), 1)),
         ReconstructionPlotCallback(),
         MemoryMonitorCallback(train_cfg.profile_every_n_steps),
     ]

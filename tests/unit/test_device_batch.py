@@ -164,3 +164,33 @@ def test_masks_from_the_overlap_tables_equal_the_searched_ones(real) -> None:
         assert torch.equal(tabled, searched)
         unsynced = masking.generate(batch["times"], torch.Generator().manual_seed(seed), sync=False)
         assert not torch.equal(unsynced, searched)  # the synchronisation did hide more bars
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@needs_cuda
+def test_cuda_batches_equal_the_cpu_ones_and_need_no_host_sync(synthetic_sampler) -> None:
+    """The accelerator path (torch indexing, float64 on the GPU) gives the CPU path's batch,
+    and building it waits for nothing (CUDA's sync debug mode raises on any host sync)."""
+    normalizer = TFNormalizer(synthetic_sampler.timeframes)
+    normalizer.mean, normalizer.std = torch.rand(6, 6), torch.rand(6, 6) + 0.5
+    normalizer.fitted = True
+    ids = np.arange(0, len(synthetic_sampler), 13)
+    cpu = DeviceBatchBuilder(synthetic_sampler, normalizer).batch(ids)
+    builder = DeviceBatchBuilder(synthetic_sampler, normalizer, "cuda")
+    masking = MaskingStrategy(load_config("base").masking, builder.timeframes, builder.seq_len)
+    cuda_ids = torch.from_numpy(ids).cuda()
+    masking.generate(builder.batch(cuda_ids)["times"])  # its constants go to the device once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        batch = builder.batch(cuda_ids)
+        generator = torch.Generator("cuda").manual_seed(3)
+        masks = masking.generate(batch["times"], generator, sync_bounds=batch["sync_bounds"])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for key, value in cpu.items():
+        torch.testing.assert_close(batch[key].cpu(), value, rtol=0, atol=1e-6, msg=key)
+    searched = masking.generate(batch["times"], torch.Generator("cuda").manual_seed(3))
+    assert torch.equal(masks, searched)
