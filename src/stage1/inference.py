@@ -507,16 +507,20 @@ def run_encode(args: argparse.Namespace) -> None:
         progress = stack.enter_context(
             tqdm(total=len(window_ids), unit="win", desc="encode", disable=None)
         )
+        loop_started = time.perf_counter()
         for timestamps, embeddings in engine._iter_chunks(
             sampler, window_ids, args.batch_size, pool
         ):
             writer.write(timestamps, embeddings)
             progress.update(len(timestamps))
+        loop_s = time.perf_counter() - loop_started
     seconds = time.perf_counter() - started
     first, last = _utc_index(sampler.anchor_ns[window_ids[[0, -1]]])
     extra = "" if suffix == ".parquet" else f" (+ {timestamps_path(out).name})"
     print(
         f"stage1 encode: {len(window_ids)} anchors {first} .. {last}, embedding "
         f"{list(shape)} float32 (pool={pool}) on {engine.device} -> {out}{extra} "
-        f"in {seconds:.1f} s ({len(window_ids) / seconds:,.0f} windows/s)"
+        f"in {seconds:.1f} s ({len(window_ids) / seconds:,.0f} windows/s; encoding loop "
+        f"{len(window_ids) / max(loop_s, 1e-9):,.0f} windows/s after {seconds - loop_s:.1f} s "
+        "of loading)"
     )
