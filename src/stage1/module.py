@@ -104,18 +104,18 @@ class Stage1LightningModule(L.LightningModule):
         return self.model(features, masks, times)
 
     def _masks(self, batch: dict[str, torch.Tensor], batch_idx: int, stage: str) -> torch.Tensor:
-        times, bounds = batch["times"], batch.get("sync_bounds")
+        times = batch["times"]
         keys: tuple[int, ...]
         generator: torch.Generator
         if stage == "train":
             keys = (_TRAIN_STREAM, self.current_epoch, batch_idx, self.global_rank)
             generator = mask_generator(times.device, self.config.seed, *keys)
-            return self.masking.generate(times, generator, sync_bounds=bounds)
+            return self.masking.generate(times, generator)
         # Validation and test place spans like `stage1 evaluate` (no forced right-edge spans).
         generator = mask_generator(
             times.device, self.config.seed, _EVAL_STREAM, batch_idx, self.global_rank
         )
-        return self.masking.generate(times, generator, right_edge=0.0, sync_bounds=bounds)
+        return self.masking.generate(times, generator, right_edge=0.0)
 
     def _common_step(
         self, batch: dict[str, torch.Tensor], batch_idx: int, stage: str

@@ -13,7 +13,7 @@ import torch
 from stage1.config import load_config
 from stage1.data.dataset import build_sampler, build_splits, fit_normalizer
 from stage1.data.device_batch import DeviceBatchBuilder, _take_rows
-from stage1.data.features import FeatureEngineer
+from stage1.data.features import FeatureEngineer, numpy_reference_features
 from stage1.data.io import load_tf_data
 from stage1.data.masking import MaskingStrategy
 from stage1.data.normalization import TFNormalizer
@@ -50,24 +50,6 @@ def float64_z(ohlc: np.ndarray, normalizer: TFNormalizer) -> np.ndarray:
     return (raw - mean) / normalizer.std.double().numpy()[:, None, :]
 
 
-def numpy_reference(ohlc: np.ndarray) -> torch.Tensor:
-    """The NumPy feature code the device path replaced (float64 relative changes, float32
-    log1p), kept as the reference: raw features float32 ``[B, n_tf, L, 6]``."""
-
-    def log_ratio(new: np.ndarray, base: np.ndarray) -> np.ndarray:
-        change = ((new - base) / base).astype(np.float32)
-        return torch.log1p(torch.from_numpy(change)).numpy()
-
-    per_window = ohlc.reshape(len(ohlc), -1)
-    log_rel = log_ratio(per_window, per_window[:, :1]).reshape(ohlc.shape)
-    close = ohlc[..., 3]
-    prev_close = np.concatenate([ohlc[..., :1, 0], close[..., :-1]], axis=-1)
-    bar_range = np.maximum(ohlc[..., 1] - ohlc[..., 2], np.finfo(np.float64).tiny)
-    body = ((close - ohlc[..., 0]) / bar_range).astype(np.float32)
-    delta = log_ratio(close, prev_close)
-    return torch.from_numpy(np.concatenate([log_rel, delta[..., None], body[..., None]], -1))
-
-
 def test_features_are_the_float64_values_rounded_to_float32(real) -> None:
     """Within 1e-6 z units, or half a float32 step of z where |z| > 8 (1e-6 is then finer than
     float32 can represent; the flash crash reaches |z| ~ 97)."""
@@ -86,7 +68,7 @@ def test_features_equal_the_numpy_reference_path(real) -> None:
     it ~1e-7 relative off the float64 values itself)."""
     sampler, normalizer, ids = real
     ohlc, _ = sampler.gather(ids)
-    reference_raw = numpy_reference(ohlc)
+    reference_raw = numpy_reference_features(ohlc)
     new = DeviceBatchBuilder(sampler, normalizer).features(ids)
     torch.testing.assert_close(new, normalizer.normalize(reference_raw), atol=1e-6, rtol=2e-7)
     raw = DeviceBatchBuilder(sampler).features(ids, normalize=False)
@@ -149,23 +131,6 @@ def test_a_foreign_normalizer_is_refused(synthetic_sampler) -> None:
         DeviceBatchBuilder(synthetic_sampler, TFNormalizer(["m1", "h1"]))
 
 
-def test_masks_from_the_overlap_tables_equal_the_searched_ones(real) -> None:
-    """``sync_bounds`` (per-bar overlap rows found once) give exactly the masks that searching
-    each batch's own times gives, for the same seed, on real windows with weekend gaps."""
-    sampler, normalizer, ids = real
-    batch = DeviceBatchBuilder(sampler, normalizer).batch(ids)
-    assert batch["sync_bounds"].shape == (len(ids), 15, 2, sampler.seq_len)
-    masking = MaskingStrategy(load_config("base").masking, sampler.timeframes, sampler.seq_len)
-    for seed in range(3):
-        searched = masking.generate(batch["times"], torch.Generator().manual_seed(seed))
-        tabled = masking.generate(
-            batch["times"], torch.Generator().manual_seed(seed), sync_bounds=batch["sync_bounds"]
-        )
-        assert torch.equal(tabled, searched)
-        unsynced = masking.generate(batch["times"], torch.Generator().manual_seed(seed), sync=False)
-        assert not torch.equal(unsynced, searched)  # the synchronisation did hide more bars
-
-
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
@@ -187,10 +152,9 @@ def test_cuda_batches_equal_the_cpu_ones_and_need_no_host_sync(synthetic_sampler
     try:
         batch = builder.batch(cuda_ids)
         generator = torch.Generator("cuda").manual_seed(3)
-        masks = masking.generate(batch["times"], generator, sync_bounds=batch["sync_bounds"])
+        masks = masking.generate(batch["times"], generator)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     for key, value in cpu.items():
         torch.testing.assert_close(batch[key].cpu(), value, rtol=0, atol=1e-6, msg=key)
-    searched = masking.generate(batch["times"], torch.Generator("cuda").manual_seed(3))
-    assert torch.equal(masks, searched)
+    assert masks.shape == batch["times"].shape and masks.any()

@@ -7,9 +7,8 @@ normalisation as torch ops on the sampler's bars, which moved to that device onc
 a dict (ARCHITECTURE.md):
 ``features``/``targets`` float32 ``[B, n_tf, seq_len, 6]`` (normalised, unmasked),
 ``times`` int64 ``[B, n_tf, seq_len]``, ``ref_price`` float64 ``[B]``, ``window_ids`` int64
-``[B]``, and ``sync_bounds`` (what synchronised masks would otherwise search for, see
-``MaskingStrategy.generate``). Masks for training are drawn by the LightningModule on the
-batch's device; ``Stage1Dataset[i]`` adds reproducible ``masks`` for inspection and debugging.
+``[B]``. Masks for training are drawn by the LightningModule on the batch's device;
+``Stage1Dataset[i]`` adds reproducible ``masks`` for inspection and debugging.
 """
 
 from __future__ import annotations
@@ -160,8 +159,7 @@ class Stage1Dataset(Dataset[Batch]):
         i = i % len(self)
         batch = self.get_batch([i])
         generator = torch.Generator().manual_seed(int(self.config.seed) + i)
-        bounds = batch.pop("sync_bounds", None)
-        batch["masks"] = self.masking.generate(batch["times"], generator, sync_bounds=bounds)
+        batch["masks"] = self.masking.generate(batch["times"], generator=generator)
         return {key: value[0] for key, value in batch.items()}
 
 

@@ -36,10 +36,8 @@ from stage1.data.features import (
     float64_stats,
     window_features,
 )
-from stage1.data.masking import overlap_row_tables
 from stage1.data.normalization import TFNormalizer
 from stage1.data.sampler import MultiTFWindowSampler
-from stage1.data.timeframes import tf_ns
 
 Batch = dict[str, torch.Tensor]
 
@@ -105,13 +103,6 @@ class DeviceBatchBuilder:
         self.end_rows = (end_rows + self.row_offsets).contiguous()  # [n_windows, n_tf], global
         self.base_end_rows = end_rows[:, 0].contiguous()  # rows of the base timeframe itself
         self.offsets = torch.arange(self.seq_len - 1, -1, -1, device=self.device)  # old → new
-        # Synchronised masks search each coarse bar's overlapping finer bars; with sorted open
-        # times those bounds are per bar, so they are found once here (as global row bounds).
-        # Rows of several instruments stacked in one timeframe need not be sorted: then masks
-        # search per batch as before.
-        self.overlap_tables: list[torch.Tensor] | None = None
-        if all(bool((t[1:] > t[:-1]).all()) for t in times):
-            self.overlap_tables = overlap_row_tables(times, [tf_ns(tf) for tf in self.timeframes])
         self.set_normalizer(normalizer)
 
     def set_normalizer(self, normalizer: TFNormalizer | None) -> None:
@@ -152,42 +143,18 @@ class DeviceBatchBuilder:
         stats = self._stats if normalize and self.normalizer is not None else None
         return window_features(bars, first_intrabar, stats)
 
-    def sync_bounds(self, rows: torch.Tensor) -> torch.Tensor | None:
-        """``MaskingStrategy.generate``'s ``sync_bounds`` for windows with bars at ``rows``
-        ``[B, n_tf, L]``: int64 ``[B, n_pairs, 2, L]``, or ``None`` without overlap tables."""
-        if self.overlap_tables is None:
-            return None
-        local = rows - self.row_offsets[:, None]  # each timeframe's own rows
-        first = local[:, :, 0]  # [B, n_tf]: row of each window's oldest bar
-        n_pairs = sum(table.shape[-1] for table in self.overlap_tables)
-        batch, _, length = rows.shape
-        # Pair-major: the masks gather along L with each pair's bounds (contiguous is faster).
-        out = torch.empty(batch, n_pairs, 2, length, dtype=torch.int64, device=self.device)
-        pair = 0
-        for j, table in enumerate(self.overlap_tables, start=1):
-            rows_of_k = _take_rows(table, local[:, j])  # [B, L, 2, j], rows of each finer k
-            start = first[:, :j, None, None]  # [B, j, 1, 1]
-            torch.sub(rows_of_k.permute(0, 3, 2, 1), start, out=out[:, pair : pair + j])
-            pair += j
-        return out.clamp_(0, self.seq_len)
-
     def batch(self, window_ids: npt.ArrayLike | torch.Tensor) -> Batch:
         """The training batch of ``window_ids`` (see :mod:`stage1.data.dataset`): ``features``
         and ``targets`` float32 ``[B, n_tf, seq_len, 6]``, ``times`` int64 ``[B, n_tf,
-        seq_len]``, ``ref_price`` float64 ``[B]``, ``window_ids`` int64 ``[B]``, and (with
-        sorted open times) ``sync_bounds`` for the masks; all on the device."""
+        seq_len]``, ``ref_price`` float64 ``[B]``, ``window_ids`` int64 ``[B]``, on the device."""
         ids = self._as_ids(window_ids)
         rows = self.end_rows[ids][..., None] - self.offsets
         features = self._features(rows)
         first_base_row = self.base_end_rows[ids] - (self.seq_len - 1)
-        batch = {
+        return {
             "features": features,
             "targets": features.clone(),
             "times": _take_rows(self.open_ns, rows),
             "ref_price": _take_rows(self.base_open, first_base_row),
             "window_ids": ids,
         }
-        bounds = self.sync_bounds(rows)
-        if bounds is not None:
-            batch["sync_bounds"] = bounds
-        return batch

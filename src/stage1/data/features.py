@@ -59,15 +59,16 @@ def window_features(
     price features ``log p - log ref`` (a difference of float64 logs, exact even for nearby
     prices), z-scored in float64 and rounded to float32 once.
     """
-    log_ref = bars[:, 0, 0, OPEN].clone()  # the base timeframe's oldest open
-    bars[..., : CLOSE + 1] -= log_ref[:, None, None, None]
     bars[:, :, 0, DELTA_CLOSE] = first_intrabar
+    # One pass subtracts the base timeframe's oldest log open from the price columns and the
+    # mean from all: shift [B, 1, 1, 6] (+ mean [n_tf, 1, 6]).
+    shift = torch.zeros(len(bars), 1, 1, N_FEATURES, dtype=bars.dtype, device=bars.device)
+    shift[..., : CLOSE + 1] = bars[:, :1, :1, OPEN : OPEN + 1]
     out = torch.empty(bars.shape, dtype=torch.float32, device=bars.device)
     if stats is None:
-        return out.copy_(bars)
+        return out.copy_(bars.sub_(shift))
     mean, inv_std = stats
-    bars -= mean
-    return torch.mul(bars, inv_std, out=out)
+    return torch.mul(bars.sub_(shift + mean), inv_std, out=out)
 
 
 def float64_stats(
@@ -76,6 +77,27 @@ def float64_stats(
     """``(mean, 1 / std)`` float64 ``[n_tf, 1, 6]`` on ``device`` for :func:`window_features`."""
     mean64 = mean.to(device, torch.float64)[:, None, :]
     return mean64, 1.0 / std.to(device, torch.float64)[:, None, :]
+
+
+def numpy_reference_features(ohlc: np.ndarray) -> torch.Tensor:
+    """The NumPy feature code the batch path replaced (float64 relative changes, float32
+    ``log1p``), kept only as the reference of tests and ``benchmarks/bench_sampler.py``:
+    float64 ``[B, n_tf, L, 4]`` prices → raw features float32 ``[B, n_tf, L, 6]``."""
+
+    def log_ratio(new: np.ndarray, base: np.ndarray) -> np.ndarray:
+        change = np.empty(np.broadcast_shapes(new.shape, base.shape), dtype=np.float32)
+        np.divide(new - base, base, out=change, casting="same_kind")
+        return torch.log1p_(torch.from_numpy(change)).numpy()
+
+    per_window = ohlc.reshape(len(ohlc), -1)
+    log_rel = log_ratio(per_window, per_window[:, :1]).reshape(ohlc.shape)
+    close = ohlc[..., CLOSE]
+    prev_close = np.concatenate([ohlc[..., :1, OPEN], close[..., :-1]], axis=-1)
+    bar_range = np.maximum(ohlc[..., HIGH] - ohlc[..., LOW], np.finfo(np.float64).tiny)
+    body = np.empty(bar_range.shape, dtype=np.float32)
+    np.divide(close - ohlc[..., OPEN], bar_range, out=body, casting="same_kind")
+    delta = log_ratio(close, prev_close)
+    return torch.from_numpy(np.concatenate([log_rel, delta[..., None], body[..., None]], -1))
 
 
 class FeatureEngineer:

@@ -13,33 +13,6 @@ from stage1.data.features import DELTA_CLOSE
 from stage1.data.timeframes import sort_timeframes, tf_ns
 
 
-def sync_pairs(n_tf: int) -> list[tuple[int, int]]:
-    """(coarse j, finer k) timeframe pairs in the order :meth:`MaskingStrategy._sync` visits."""
-    return [(j, k) for j in range(1, n_tf) for k in range(j)]
-
-
-def overlap_row_tables(
-    open_ns: Sequence[torch.Tensor], durations_ns: Sequence[int]
-) -> list[torch.Tensor]:
-    """Per coarse timeframe ``j >= 1``: int64 ``[rows_j, 2, j]``, for each finer ``k < j`` the
-    rows ``[lo, hi)`` of ``k`` whose bars overlap bar ``i`` of ``j`` in calendar time (open in
-    ``(open - d_k, open + d_j)``), as ``searchsorted`` finds them.
-
-    ``open_ns``: each timeframe's sorted open times (int64, one device). A window's bars of ``k``
-    are a contiguous slice ``[start, start + L)`` of these rows, so ``clamp(lo - start, 0, L)``
-    is what ``searchsorted`` over the window's own times returns; ``MaskingStrategy`` then skips
-    that search (the costliest part of synchronised masks)."""
-    tables = []
-    for j in range(1, len(open_ns)):
-        lo = [
-            torch.searchsorted(open_ns[k], open_ns[j] - durations_ns[k], right=True)
-            for k in range(j)
-        ]
-        hi = [torch.searchsorted(open_ns[k], open_ns[j] + durations_ns[j]) for k in range(j)]
-        tables.append(torch.stack([torch.stack(lo, -1), torch.stack(hi, -1)], dim=1))
-    return tables
-
-
 def mask_model_input(features: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """What the model may see: hidden bars zeroed, and ``delta_close`` zeroed on every bar
     whose predecessor is hidden (it is that hidden close's difference to a visible close).
@@ -128,16 +101,12 @@ class MaskingStrategy:
         generator: torch.Generator | None = None,
         sync: bool | None = None,
         right_edge: float | None = None,
-        sync_bounds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Masks for a batch: ``times`` int64 ``[B, n_tf, seq_len]`` (bar open, UTC ns) →
         bool ``[B, n_tf, seq_len]`` on ``times.device``, True = hidden.
 
         ``sync=None`` uses ``masking.sync_tf``, ``right_edge=None`` uses
         ``masking.right_edge_ratio``; ``generator`` must live on ``times.device``.
-        ``sync_bounds`` (int64 ``[B, n_pairs, 2, seq_len]``, a batch's ``'sync_bounds'`` from
-        ``DeviceBatchBuilder``): the overlap bounds the synchronisation would search for, in
-        :func:`sync_pairs` order; the masks are the same with or without them.
         """
         batch, n_tf, length = times.shape
         if n_tf != len(self.timeframes) or length != self.seq_len:
@@ -190,30 +159,23 @@ class MaskingStrategy:
         masks = edges.cumsum(-1)[..., :length] > 0
 
         if self.sync_tf if sync is None else sync:
-            masks = self._sync(masks, times, sync_bounds)
+            masks = self._sync(masks, times)
         return masks
 
-    def _sync(
-        self, masks: torch.Tensor, times: torch.Tensor, bounds: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def _sync(self, masks: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
         """Hide every coarser bar that overlaps a hidden finer bar (bars are [open, open + d))."""
         masks = masks.clone()
         zero = torch.zeros(masks.shape[0], 1, dtype=torch.long, device=masks.device)
         # hidden_before[k][:, i]: hidden bars of timeframe k before position i (final masks).
         hidden_before = [torch.cat([zero, masks[:, 0].long().cumsum(-1)], -1)]
         fine_open = [times[:, k].contiguous() for k in range(times.shape[1])]
-        pair = 0
         for j in range(1, masks.shape[1]):
             for k in range(j):
                 # Fine bars overlapping the coarse bar [o, o + d_j): open in (o - d_k, o + d_j).
-                if bounds is not None:
-                    lo, hi = bounds[:, pair, 0], bounds[:, pair, 1]
-                else:
-                    lo = torch.searchsorted(
-                        fine_open[k], fine_open[j] - self.tf_durations_ns[k], right=True
-                    )
-                    hi = torch.searchsorted(fine_open[k], fine_open[j] + self.tf_durations_ns[j])
-                pair += 1
+                lo = torch.searchsorted(
+                    fine_open[k], fine_open[j] - self.tf_durations_ns[k], right=True
+                )
+                hi = torch.searchsorted(fine_open[k], fine_open[j] + self.tf_durations_ns[j])
                 counts = hidden_before[k].gather(-1, hi) - hidden_before[k].gather(-1, lo)
                 masks[:, j] |= counts > 0
             hidden_before.append(torch.cat([zero, masks[:, j].long().cumsum(-1)], -1))

@@ -256,13 +256,8 @@ def reconstruct_split(
     for start in range(0, len(positions), EVAL_BATCH_SIZE):
         batch = dataset.get_batch(positions[start : start + EVAL_BATCH_SIZE])
         truth = normalizer.denormalize(batch["targets"]).double()
-        bounds = batch.get("sync_bounds")
         masks = dataset.masking.generate(
-            batch["times"].to(device),
-            generator=generator,
-            sync=sync,
-            right_edge=0.0,
-            sync_bounds=None if bounds is None else bounds.to(device),
+            batch["times"].to(device), generator=generator, sync=sync, right_edge=0.0
         )
         out = model(batch["features"].to(device), masks, batch["times"].to(device))
         out = out["reconstructed"].float().cpu()
