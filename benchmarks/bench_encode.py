@@ -82,8 +82,7 @@ def throughput(args: argparse.Namespace, work_dir: Path) -> None:
     features = []
     for batch in batches:
         start = time.perf_counter()
-        ohlc, _ = sampler.gather(batch)
-        x = engine.normalizer.normalize(engine.feature_engineer.process_batch(ohlc)[0])
+        x = engine.batch_builder(sampler).features(batch)
         build_s += time.perf_counter() - start
         start = time.perf_counter()
         with torch.inference_mode():
@@ -106,7 +105,7 @@ def throughput(args: argparse.Namespace, work_dir: Path) -> None:
     total = build_s + model_s
     print(
         f"  window building:    {100 * build_s / total:5.1f} % of time "
-        f"({n / build_s:,.0f} windows/s alone: gather + features + normalise)"
+        f"({n / build_s:,.0f} windows/s alone: DeviceBatchBuilder gather + features + z-score)"
     )
     print(f"  model forward:      {100 * model_s / total:5.1f} % of time")
     print(

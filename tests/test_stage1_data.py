@@ -66,7 +66,9 @@ def test_dataset_mask_ratios(data_dir: Path, config) -> None:
 def test_datamodule_batches_and_masks(data_dir: Path, config) -> None:
     dm = Stage1DataModule(data_dir, config)
     dm.setup("fit")
-    batch = next(iter(dm.train_dataloader()))
+    ids = next(iter(dm.train_dataloader()))
+    assert set(ids) == {"window_ids"}  # the loader yields ids; the batch is built on the device
+    batch = dm.on_after_batch_transfer(ids, 0)
     n_tf, seq_len = len(TIMEFRAMES), config.data.seq_len
     assert batch["features"].shape == (256, n_tf, seq_len, 6)
     assert batch["features"].dtype == torch.float32

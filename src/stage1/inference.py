@@ -1,8 +1,8 @@
 """Stage1InferenceEngine and ``stage1 encode``: encoder embeddings for the Stage 2 RL agent.
 
 Windows are built by exactly the training code: :class:`MultiTFWindowSampler` (same
-``seq_len`` and staleness rule, no look-ahead), ``gather``, ``FeatureEngineer.process_batch``
-and the checkpoint's ``TFNormalizer``; the model then runs without masks. So an anchor time
+``seq_len`` and staleness rule, no look-ahead) and :class:`DeviceBatchBuilder` on the engine's
+device (gather, features, the checkpoint's ``TFNormalizer``); the model then runs without masks. So an anchor time
 gets the same embedding here as the ``encoded`` output training computes for that window.
 
 An embedding is keyed by its anchor: the CLOSE time of the newest base-timeframe bar in the
@@ -40,6 +40,7 @@ import torch
 from tqdm import tqdm
 
 from stage1.checkpoint import load_checkpoint
+from stage1.data.device_batch import DeviceBatchBuilder
 from stage1.data.features import FeatureEngineer
 from stage1.data.instruments import Instrument, find_instruments
 from stage1.data.io import bars_from_frame, load_tf_data, validate_bars
@@ -143,6 +144,7 @@ class Stage1InferenceEngine:
         self.seq_len = int(self.config.data.seq_len)
         self.latent_len = int(self.model.latent_len)
         self.d_model = int(self.model.d_model)
+        self._builder: tuple[MultiTFWindowSampler, DeviceBatchBuilder] | None = None
 
     # ------------------------------------------------------------------------ windows
     def embedding_shape(self, pool: str | None = None) -> tuple[int, ...]:
@@ -207,10 +209,16 @@ class Stage1InferenceEngine:
 
     def window_features(self, ohlc: npt.NDArray[np.float64] | torch.Tensor) -> torch.Tensor:
         """Model input of raw windows: ``ohlc [B, n_tf, seq_len, 4]`` float64 prices →
-        normalised features float32 ``[B, n_tf, seq_len, 6]`` on CPU (``process_batch`` then
-        the checkpoint's ``normalize``, as in training)."""
-        features, _ = self.feature_engineer.process_batch(ohlc)
-        return self.normalizer.normalize(features)
+        normalised features float32 ``[B, n_tf, seq_len, 6]`` on CPU (``process_batch`` with the
+        checkpoint's normaliser: the math of training batches)."""
+        return self.feature_engineer.process_batch(torch.as_tensor(ohlc).cpu(), self.normalizer)[0]
+
+    def batch_builder(self, sampler: MultiTFWindowSampler) -> DeviceBatchBuilder:
+        """``sampler``'s batch builder on the engine's device (kept for the last sampler)."""
+        if self._builder is None or self._builder[0] is not sampler:
+            builder = DeviceBatchBuilder(sampler, self.normalizer, self.device)
+            self._builder = (sampler, builder)
+        return self._builder[1]
 
     def embed_windows(
         self,
@@ -219,15 +227,12 @@ class Stage1InferenceEngine:
         pool: str | None = None,
     ) -> torch.Tensor:
         """Embeddings of ``sampler``'s windows, float32 on CPU: ``[B, n_tf, latent_len,
-        d_model]`` or pooled ``[B, D]``. Features exactly as ``Stage1Dataset.get_batch`` builds
-        them (gather → process_batch → normalize, on CPU), then ``model.encode(features)``
-        (with the bar open times, for a model with ``model.time_features``)."""
-        ohlc, times = sampler.gather(window_ids)
-        features = self.window_features(ohlc)
+        d_model]`` or pooled ``[B, D]``. Features exactly as training builds them
+        (:class:`DeviceBatchBuilder`, here on the engine's device), then ``model.encode`` (with
+        the bar open times, for a model with ``model.time_features``)."""
+        batch = self.batch_builder(sampler).batch(window_ids)
         with torch.inference_mode():
-            encoded = self.model.encode(
-                features.to(self.device), times=torch.from_numpy(times).to(self.device)
-            )
+            encoded = self.model.encode(batch["features"], times=batch["times"])
             embeddings = pool_embeddings(encoded, pool).float().cpu()
         # A clone made outside inference mode is an ordinary tensor, so an agent may feed it
         # to a network it trains (inference tensors refuse to be saved for backward).
@@ -528,14 +533,18 @@ def encode_to_file(
         progress = stack.enter_context(
             tqdm(total=len(window_ids), unit="win", desc=f"encode {instrument.name}", disable=None)
         )
+        loop_started = time.perf_counter()
         for timestamps, embeddings in engine._iter_chunks(sampler, window_ids, batch_size, pool):
             writer.write(timestamps, embeddings)
             progress.update(len(timestamps))
+        loop_s = time.perf_counter() - loop_started
     seconds = time.perf_counter() - started
     first, last = _utc_index(sampler.anchor_ns[window_ids[[0, -1]]])
     extra = "" if suffix == ".parquet" else f" (+ {timestamps_path(out).name})"
     print(
         f"stage1 encode: {len(window_ids)} anchors of {instrument.name} {first} .. {last}, "
         f"embedding {list(shape)} float32 (pool={pool}) on {engine.device} -> {out}{extra} "
-        f"in {seconds:.1f} s ({len(window_ids) / seconds:,.0f} windows/s)"
+        f"in {seconds:.1f} s ({len(window_ids) / seconds:,.0f} windows/s; encoding loop "
+        f"{len(window_ids) / max(loop_s, 1e-9):,.0f} windows/s after {seconds - loop_s:.1f} s "
+        "of loading)"
     )

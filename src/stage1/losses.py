@@ -11,6 +11,7 @@ model ran in: FFTs in half precision are inaccurate (and unsupported for most si
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -72,7 +73,12 @@ class STFTLoss(nn.Module):
     """Multi-resolution STFT loss (ParallelWaveGAN / auraloss): for each FFT size, spectral
     convergence ``||S_t - S_r||_F / ||S_t||_F`` plus mean ``|log S_t - log S_r|``; averaged over
     sizes. Applied to every (timeframe, feature) series along time. Sizes larger than ``L`` are
-    skipped; hop = size // 4; Hann windows are buffers (they follow ``.to(device)``).
+    skipped; hop = size // 4. The STFT is ``torch.stft``'s (Hann window, centred, reflect
+    padding) computed as one real matmul per size against a precomputed windowed DFT basis (a
+    buffer: it follows ``.to(device)``): for these short series that is as cheap as an FFT,
+    runs in float32 under any autocast and compiles without a graph break (``torch.stft``
+    with complex outputs does not). On CUDA it is a float32 matmul like the model's own, so
+    ``torch.set_float32_matmul_precision('high')`` lets it use TF32.
     """
 
     def __init__(self, fft_sizes: Sequence[int]) -> None:
@@ -81,7 +87,7 @@ class STFTLoss(nn.Module):
             raise ValueError(f"loss.stft_fft_sizes: need sizes >= 2, got {list(fft_sizes)}")
         self.fft_sizes = sorted(int(n) for n in fft_sizes)
         for n_fft in self.fft_sizes:
-            self.register_buffer(f"window_{n_fft}", torch.hann_window(n_fft), persistent=False)
+            self.register_buffer(f"basis_{n_fft}", dft_basis(n_fft), persistent=False)
 
     def forward(self, reconstructed: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """reconstructed, targets: ``[B, n_tf, L, 6]`` -> scalar fp32."""
@@ -94,9 +100,8 @@ class STFTLoss(nn.Module):
             for n_fft in self.fft_sizes:
                 if n_fft > seq_len:
                     continue
-                window = getattr(self, f"window_{n_fft}")
-                rec_mag = self._spectrum(rec, n_fft, window)
-                tgt_mag = self._spectrum(tgt, n_fft, window)
+                rec_mag = self._spectrum(rec, n_fft)
+                tgt_mag = self._spectrum(tgt, n_fft)
                 convergence = torch.linalg.vector_norm(
                     tgt_mag - rec_mag
                 ) / torch.linalg.vector_norm(tgt_mag).clamp(min=_NORM_EPS)
@@ -106,20 +111,25 @@ class STFTLoss(nn.Module):
                 return rec.sum() * 0.0
             return torch.stack(losses).mean()
 
-    @staticmethod
-    def _spectrum(series: torch.Tensor, n_fft: int, window: torch.Tensor) -> torch.Tensor:
-        """series ``[N, L]`` -> magnitudes ``[N, n_fft // 2 + 1, frames]``."""
-        spec = torch.stft(
-            series,
-            n_fft,
-            hop_length=max(n_fft // 4, 1),
-            win_length=n_fft,
-            window=window,
-            center=True,
-            pad_mode="reflect",
-            return_complex=True,
-        )
-        return _magnitude(spec)
+    def _spectrum(self, series: torch.Tensor, n_fft: int) -> torch.Tensor:
+        """series ``[N, L]`` -> magnitudes ``[N, frames, n_fft // 2 + 1]`` (``|torch.stft|``
+        transposed)."""
+        pad = n_fft // 2
+        padded = F.pad(series[:, None, :], (pad, pad), mode="reflect")[:, 0]
+        frames = padded.unfold(-1, n_fft, max(n_fft // 4, 1))  # [N, frames, n_fft]
+        spec = frames @ getattr(self, f"basis_{n_fft}")  # [N, frames, 2 * n_freq]: re | im
+        real, imag = spec.chunk(2, dim=-1)
+        return torch.sqrt(torch.clamp(real.square() + imag.square(), min=_POWER_EPS))
+
+
+def dft_basis(n_fft: int) -> torch.Tensor:
+    """Hann-windowed real DFT basis ``[n_fft, 2 * (n_fft // 2 + 1)]`` float32: ``frames @
+    basis`` gives the real parts, then the imaginary parts, of each frame's one-sided DFT."""
+    n = torch.arange(n_fft, dtype=torch.float64)
+    freq = torch.arange(n_fft // 2 + 1, dtype=torch.float64)
+    angle = 2 * math.pi * n[:, None] * freq[None, :] / n_fft
+    window = torch.hann_window(n_fft, dtype=torch.float64)[:, None]
+    return torch.cat([window * angle.cos(), -window * angle.sin()], dim=1).float()
 
 
 class CrossTFConsistencyLoss(nn.Module):

@@ -5,6 +5,12 @@ Reproducibility: training masks come from a generator keyed by (seed, epoch, bat
 global RNG (dropout) is re-seeded from the same keys each step, so a run resumed from
 ``last.ckpt`` retraces the uninterrupted run exactly (docs/ARCHITECTURE.md, training).
 Validation masks are keyed by (seed, batch, rank) only, so val loss is comparable across epochs.
+
+No host sync in the hot loop: a step reads nothing back from the device. The loss's finiteness
+is recorded on the device (the first non-finite step since the last check) and read only where
+Lightning reads metrics anyway, every ``trainer.log_every_n_steps`` batches, and before any
+checkpoint is written or validation starts; a diverged run then stops with
+:class:`TrainingDivergedError` naming that first step.
 """
 
 import math
@@ -89,6 +95,10 @@ class Stage1LightningModule(L.LightningModule):
         self.eval_masking = evaluation_masking(
             self.config, self.timeframes, int(self.config.data.seq_len)
         )
+        # Per stage: (global step, epoch, batch) int64 [3] and loss of the first non-finite
+        # loss since the last check, on the loss's device; step -1 = none.
+        self._nonfinite: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._batches_unchecked = 0
 
     def forward(
         self, features: torch.Tensor, masks: torch.Tensor, times: torch.Tensor | None = None
@@ -132,12 +142,7 @@ class Stage1LightningModule(L.LightningModule):
         losses = self.criterion(
             reconstructed, batch["targets"], masks, batch["times"], output.get("scale")
         )
-        if not torch.isfinite(losses["total"]):
-            raise TrainingDivergedError(
-                f"{stage} loss is {losses['total'].item()} at global step {self.global_step} "
-                f"(epoch {self.current_epoch}, batch {batch_idx}); lower "
-                "training.scheduler.max_lr or training.gradient_clip, or check the data"
-            )
+        self._record_nonfinite(stage, losses["total"], batch_idx)
         batch_size = int(batch["features"].shape[0])
         is_train = stage == "train"
         # Averaged over ranks, so DDP curves and checkpoint choices match a one-device run.
@@ -157,6 +162,51 @@ class Stage1LightningModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self._common_step(batch, batch_idx, "train")["loss"]
+
+    # ------------------------------------------------------------------ non-finite losses
+    def _record_nonfinite(self, stage: str, total: torch.Tensor, batch_idx: int) -> None:
+        """Keep the first non-finite ``total`` of ``stage`` since the last check, on the device
+        (elementwise ops only: nothing is read back)."""
+        total = total.detach().float()
+        if stage not in self._nonfinite:
+            none = torch.full((3,), -1, dtype=torch.int64, device=total.device)
+            self._nonfinite[stage] = (none, torch.zeros_like(total))
+        where, value = self._nonfinite[stage]
+        here = torch.full((3,), self.global_step, dtype=torch.int64, device=total.device)
+        here[1], here[2] = self.current_epoch, batch_idx
+        first = ~torch.isfinite(total) & (where[0] < 0)
+        self._nonfinite[stage] = (torch.where(first, here, where), torch.where(first, total, value))
+
+    def check_finite(self, stage: str = "train") -> None:
+        """Raise :class:`TrainingDivergedError` if a ``stage`` loss was non-finite since the
+        last check, naming the first such step (reads one small tensor: a host sync)."""
+        if stage not in self._nonfinite:
+            return
+        where, value = self._nonfinite.pop(stage)
+        step, epoch, batch = where.tolist()
+        if step >= 0:
+            raise TrainingDivergedError(
+                f"{stage} loss is {value.item()} at global step {step} (epoch {epoch}, batch "
+                f"{batch}); lower training.scheduler.max_lr or training.gradient_clip, or check "
+                "the data"
+            )
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # Checked where Lightning reads the logged metrics back anyway (log_every_n_steps).
+        self._batches_unchecked += 1
+        every = int(getattr(self.trainer, "log_every_n_steps", 1) or 1)
+        if self._batches_unchecked >= every:
+            self._batches_unchecked = 0
+            self.check_finite("train")
+
+    def on_train_epoch_end(self) -> None:
+        self.check_finite("train")
+
+    def on_validation_start(self) -> None:
+        self.check_finite("train")  # before validation and the checkpoint that may follow it
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.check_finite("train")  # a diverged model is never saved
 
     def validation_step(
         self, batch: dict[str, torch.Tensor], batch_idx: int
@@ -189,6 +239,7 @@ class Stage1LightningModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         """Skill against the naive baselines on the hidden bars of this validation pass, computed
         by the evaluation's own accumulator (mean over timeframes and per timeframe)."""
+        self.check_finite("val")
         if self._val_skill.n_windows == 0:
             return
         result = self._val_skill.result()
@@ -204,6 +255,9 @@ class Stage1LightningModule(L.LightningModule):
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
         return self._common_step(batch, batch_idx, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self.check_finite("test")
 
     def configure_optimizers(self) -> Any:
         """AdamW + One-Cycle. Weight decay applies to matrices only (nanoGPT's rule): decaying
@@ -227,8 +281,12 @@ class Stage1LightningModule(L.LightningModule):
             },
             {"name": "no_decay", "params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
         ]
+        # Fused: one kernel for the whole update on CUDA (Lightning has placed the model by now).
         optimizer = torch.optim.AdamW(
-            groups, lr=sched_cfg.max_lr, betas=tuple(train_cfg.optimizer.betas)
+            groups,
+            lr=sched_cfg.max_lr,
+            betas=tuple(train_cfg.optimizer.betas),
+            fused=all(p.is_cuda for p in params) and bool(params),
         )
         if sched_cfg.interval == "step":
             total_steps = max(int(self.trainer.estimated_stepping_batches), 1)

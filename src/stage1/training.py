@@ -17,6 +17,7 @@ rank) only, so val loss is comparable across epochs.
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 from typing import Any
 
@@ -130,8 +131,68 @@ class MemoryMonitorCallback(Callback):
                 torch.cuda.memory_allocated(pl_module.device) / 2**20
             )
             metrics["memory/gpu_reserved_mb"] = torch.cuda.memory_reserved(pl_module.device) / 2**20
+            metrics["memory/gpu_peak_mb"] = (
+                torch.cuda.max_memory_allocated(pl_module.device) / 2**20
+            )
         if trainer.is_global_zero:
             trainer.logger.log_metrics(metrics, step=step)
+
+
+class ThroughputCallback(Callback):
+    """Logs training speed every ``every_n_batches`` batches (rank 0): ``perf/windows_per_s``
+    (this rank's windows over wall time), ``perf/step_ms`` and ``perf/data_wait_share``, the
+    share of that time the host spent between one batch's end and the next one's start
+    (fetching window ids, moving them, building the batch on the device).
+
+    It synchronises the device once per interval, where Lightning reads the logged metrics back
+    anyway (at ``log_every_n_steps``), so the rate covers the work the GPU really did."""
+
+    def __init__(self, every_n_batches: int) -> None:
+        self.every_n_batches = max(int(every_n_batches), 1)
+        self._reset(None)
+
+    def _reset(self, now: float | None) -> None:
+        self._started, self._last_end = now, now
+        self._windows = self._batches = 0
+        self._wait_s = 0.0
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._reset(None)  # the gap over the epoch boundary (validation, checkpoints) is no wait
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        now = time.perf_counter()
+        if self._started is None:
+            self._reset(now)
+        elif self._last_end is not None:
+            self._wait_s += now - self._last_end
+
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        self._windows += len(batch["window_ids"])
+        self._batches += 1
+        if self._batches >= self.every_n_batches and self._started is not None:
+            if pl_module.device.type == "cuda":
+                torch.cuda.synchronize(pl_module.device)
+            now = time.perf_counter()
+            elapsed = max(now - self._started, 1e-9)
+            metrics = {
+                "perf/windows_per_s": self._windows / elapsed,
+                "perf/step_ms": 1000 * elapsed / self._batches,
+                "perf/data_wait_share": self._wait_s / elapsed,
+            }
+            if trainer.is_global_zero and trainer.logger is not None:
+                trainer.logger.log_metrics(metrics, step=trainer.global_step)
+            self._reset(now)
+        else:
+            self._last_end = time.perf_counter()
 
 
 def _batches_or_fraction(value: float | None) -> int | float | None:
@@ -183,9 +244,12 @@ def build_trainer(
         ),
         EarlyStopping(monitor=monitor, mode="min", patience=train_cfg.early_stopping_patience),
         LearningRateMonitor(logging_interval="step"),
-        TQDMProgressBar(),
+        # The bar reads the logged loss back from the device at each refresh: refreshing only
+        # where metrics are logged anyway keeps the other steps free of host syncs.
+        TQDMProgressBar(refresh_rate=max(int(train_cfg.log_every_n_steps), 1)),
         ReconstructionPlotCallback(),
         MemoryMonitorCallback(train_cfg.profile_every_n_steps),
+        ThroughputCallback(train_cfg.log_every_n_steps),
     ]
     try:
         return L.Trainer(

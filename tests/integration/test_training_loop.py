@@ -9,17 +9,19 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import pytest
 import torch
 import yaml
+from omegaconf import DictConfig
 
 import stage1.training as training
 from stage1.checkpoint import load_checkpoint
 from stage1.cli import main
-from stage1.config import config_to_dict, load_config
-from stage1.data.dataset import Stage1Dataset
+from stage1.config import load_config
+from stage1.data.dataset import Stage1DataModule, Stage1Dataset
 from stage1.data.normalization import TFNormalizer
 from stage1.errors import TrainingDivergedError
 from stage1.module import Stage1LightningModule, one_cycle_pct_start
@@ -263,22 +265,84 @@ def test_unusable_trainer_flags_are_a_one_line_error(
     assert "no_such_strategy" in err and len(err.splitlines()) == 1
 
 
-def test_non_finite_loss_names_the_step() -> None:
-    config = load_config("test")
-    n_tf, seq_len = len(config.data.timeframes), config.data.seq_len
-    stats = {
-        "timeframes": list(config.data.timeframes),
-        "feature_names": ["open", "high", "low", "close", "delta_close", "body_ratio"],
-        "mean": [[0.0] * 6] * n_tf,
-        "std": [[1.0] * 6] * n_tf,
-    }
-    module = Stage1LightningModule(config_to_dict(config), stats)
-    features = torch.full((2, n_tf, seq_len, 6), float("nan"))
-    minutes = torch.tensor([1, 5, 15, 30, 60, 240])[:, None] * torch.arange(seq_len)
-    times = (minutes * 60_000_000_000).expand(2, n_tf, seq_len).contiguous()
-    batch = {"features": features, "targets": features, "times": times}
-    with pytest.raises(TrainingDivergedError, match=r"nan at global step 0 \(epoch 0, batch 0\)"):
-        module.training_step(batch, 0)
+def diverging_module(
+    data_dir: Path, config: DictConfig, bad_step: int
+) -> tuple[Stage1DataModule, Stage1LightningModule]:
+    """A real module whose training loss turns NaN at optimizer step ``bad_step``."""
+    datamodule = Stage1DataModule(data_dir, config)
+    datamodule.setup("fit")
+    assert datamodule.normalizer is not None
+    module = Stage1LightningModule(config, datamodule.normalizer.to_dict())
+    real_forward = module.criterion.forward
+
+    def poisoned(*args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        losses = real_forward(*args, **kwargs)
+        if module.training and module.global_step == bad_step:
+            losses["total"] = losses["total"] * float("nan")
+        return losses
+
+    module.criterion.forward = poisoned  # type: ignore[method-assign]
+    return datamodule, module
+
+
+def test_a_diverging_run_stops_naming_the_first_non_finite_step(
+    synthetic_data_dir: Path, tmp_path: Path
+) -> None:
+    """The NaN at step 2 is read back at the next metric read (every log_every_n_steps = 4
+    batches), so the run stops after batch 3, names step 2 and saves no checkpoint."""
+    config = load_config(
+        "test", [*SPLITS, "training.log_every_n_steps=4", "training.limit_val_batches=0"]
+    )
+    datamodule, module = diverging_module(synthetic_data_dir, config, bad_step=2)
+    trainer = training.build_trainer(config, tmp_path, accelerator="cpu")
+    with pytest.raises(
+        TrainingDivergedError, match=r"train loss is nan at global step 2 \(epoch 0, batch 2\)"
+    ):
+        trainer.fit(module, datamodule=datamodule)
+    assert trainer.global_step == 4  # checked at the cadence, not after every step
+    assert not list(tmp_path.glob("checkpoints/*.ckpt"))
+
+
+def test_training_step_reads_nothing_back_from_the_device(
+    synthetic_data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No .item(), .cpu(), .tolist(), .numpy() or Python truth test of a tensor in the step:
+    each would make the host wait for the GPU every step."""
+    config = load_config("test", SPLITS)
+    datamodule, module = diverging_module(synthetic_data_dir, config, bad_step=-1)
+    batch = datamodule.on_after_batch_transfer(next(iter(datamodule.train_dataloader())), 0)
+
+    def refuse(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("training_step read a tensor back to the host")
+
+    for name in ("item", "cpu", "tolist", "numpy", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    loss = module.training_step(batch, 0)
+    monkeypatch.undo()
+    assert math.isfinite(loss.item())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_training_step_waits_for_nothing(synthetic_data_dir: Path) -> None:
+    """On the GPU, batch building, masks, forward, loss and the NaN bookkeeping of a step
+    queue work without a host sync (CUDA's sync debug mode raises on any) once the first step
+    has put the constants on the device."""
+    config = load_config("test", SPLITS)
+    datamodule, module = diverging_module(synthetic_data_dir, config, bad_step=-1)
+    module = module.cuda()
+    ids = next(iter(datamodule.train_dataloader()))["window_ids"].cuda()
+    warm_up = datamodule.on_after_batch_transfer({"window_ids": ids}, 0)  # moves the bars once
+    module.training_step(warm_up, 0)  # and makes the per-device constants
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        batch = datamodule.on_after_batch_transfer({"window_ids": ids}, 0)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = module.training_step(batch, 0)
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert math.isfinite(loss.item())
 
 
 @pytest.mark.parametrize("pct_start", [0.05, 0.1, 0.25, 0.5, 0.9])

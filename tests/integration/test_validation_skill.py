@@ -44,7 +44,7 @@ def module_and_data(synthetic_data_dir: Path) -> tuple[Stage1LightningModule, St
 def test_training_masks_are_synchronised_by_default(module_and_data) -> None:
     module, datamodule = module_and_data
     assert load_config("configs/base.yaml").masking.sync_tf is True
-    batch = next(iter(datamodule.train_dataloader()))
+    batch = datamodule.on_after_batch_transfer(next(iter(datamodule.train_dataloader())), 0)
     masks = module._masks(batch, 0, "train")
     resynced = module.masking._sync(masks, batch["times"])
     assert torch.equal(masks, resynced), "every coarse bar over a hidden fine bar is hidden"
@@ -54,7 +54,8 @@ def test_training_masks_are_synchronised_by_default(module_and_data) -> None:
 
 def test_right_edge_share_applies_to_training_masks_only(module_and_data) -> None:
     module, datamodule = module_and_data
-    times = next(iter(datamodule.train_dataloader()))["times"]
+    ids = next(iter(datamodule.train_dataloader()))
+    times = datamodule.on_after_batch_transfer(ids, 0)["times"]
     times = times.repeat(16, 1, 1)  # 512 windows: shares are measurable
     masking = module.masking
 
@@ -84,9 +85,10 @@ def test_validation_skill_equals_the_evaluation_accumulator(module_and_data, tmp
     accumulator = MetricAccumulator(datamodule.sampler.timeframes, normalizer.std.double().numpy())
     module.eval()
     with torch.no_grad():
-        for batch_idx, batch in enumerate(datamodule.val_dataloader()):
+        for batch_idx, ids in enumerate(datamodule.val_dataloader()):
             if batch_idx == 3:
                 break
+            batch = datamodule.on_after_batch_transfer(ids, 0)
             masks = module._masks(batch, batch_idx, "val")
             out = module.model(batch["features"], masks, batch["times"])["reconstructed"]
             accumulator.update(

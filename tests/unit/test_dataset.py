@@ -17,6 +17,7 @@ from stage1.data.dataset import (
     WindowBatchSampler,
     embargo_ns,
 )
+from stage1.data.features import FeatureEngineer
 from stage1.data.normalization import TFNormalizer
 from stage1.data.synthetic import write_synthetic_dataset
 from stage1.data.timeframes import NS_PER_MINUTE, tf_ns
@@ -87,7 +88,8 @@ def test_features_are_normalised_with_train_stats(datamodule) -> None:
     z = batch["features"]
     assert z.mean(dim=(0, 2)).abs().max() < 0.1
     assert ((z.std(dim=(0, 2)) - 1).abs() < 0.1).all()
-    raw = train.engineer.process_batch(train.sampler.gather(batch["window_ids"].numpy())[0])[0]
+    engineer = FeatureEngineer(datamodule.config)
+    raw = engineer.process_batch(train.sampler.gather(batch["window_ids"].numpy())[0])[0]
     torch.testing.assert_close(train.normalizer.denormalize(z), raw, rtol=1e-4, atol=1e-7)
 
 
@@ -148,7 +150,8 @@ def planned_ids(loader, dataset: Stage1Dataset) -> list[np.ndarray]:
 def test_loader_batches_are_the_planned_windows(datamodule) -> None:
     loader = datamodule.train_dataloader()
     plan = planned_ids(loader, datamodule.datasets["train"])
-    for batch, ids in zip(loader, plan[:3], strict=False):
+    for ids_only, ids in zip(loader, plan[:3], strict=False):
+        batch = datamodule.on_after_batch_transfer(ids_only, 0)
         assert batch["features"].shape == (len(ids), 6, 16, 6)
         np.testing.assert_array_equal(batch["window_ids"].numpy(), ids)
     assert len(loader) == len(plan)

@@ -210,7 +210,7 @@ def test_embedding_equals_training_pipeline_encoded(
     """Train/inference parity: a DataModule test batch through the ORIGINAL model equals what
     the engine (loaded from the export) computes for the same anchor times."""
     datamodule = Stage1DataModule(synthetic_data_dir, config, engine.normalizer)
-    batch = next(iter(datamodule.test_dataloader()))
+    batch = datamodule.on_after_batch_transfer(next(iter(datamodule.test_dataloader())), 0)
     with torch.no_grad():
         expected = model(batch["features"], masks=None)["encoded"].numpy()
     assert datamodule.sampler is not None

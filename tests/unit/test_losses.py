@@ -205,18 +205,18 @@ def test_huber_without_hidden_bars_is_zero_not_nan() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_stft_loss_runs_fp32_ffts_under_autocast(
+def test_stft_loss_runs_fp32_dfts_under_autocast(
     dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seen: list[torch.dtype] = []
-    real_stft = torch.stft
+    real_spectrum = STFTLoss._spectrum
 
-    def spy(x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
-        seen.append(x.dtype)
-        seen.append(kwargs["window"].dtype)  # type: ignore[union-attr]
-        return real_stft(x, *args, **kwargs)  # type: ignore[arg-type]
+    def spy(self: STFTLoss, series: torch.Tensor, n_fft: int) -> torch.Tensor:
+        out = real_spectrum(self, series, n_fft)
+        seen.extend([series.dtype, out.dtype])
+        return out
 
-    monkeypatch.setattr(torch, "stft", spy)
+    monkeypatch.setattr(STFTLoss, "_spectrum", spy)
     layer = torch.nn.Linear(6, 6)
     inputs, targets = torch.randn(4, 2, 32, 6), torch.randn(4, 2, 32, 6)
     loss_fn = STFTLoss([8, 16, 32])
@@ -232,6 +232,22 @@ def test_stft_loss_runs_fp32_ffts_under_autocast(
     torch.testing.assert_close(loss, loss_fn(reconstructed.detach().float(), targets))
 
 
+@pytest.mark.parametrize("n_fft", [2, 8, 12, 16, 32, 48])
+def test_dft_spectrum_equals_torch_stft(n_fft: int) -> None:
+    """The matmul STFT is torch.stft's (Hann, centred, reflect-padded, hop n_fft // 4)."""
+    series = torch.randn(64, 48, dtype=torch.float64).float()
+    loss_fn = STFTLoss([n_fft])
+    spec = torch.stft(
+        series.double(), n_fft, hop_length=max(n_fft // 4, 1), win_length=n_fft,
+        window=torch.hann_window(n_fft, dtype=torch.float64), center=True, pad_mode="reflect",
+        return_complex=True,
+    )  # fmt: skip
+    expected = spec.abs().clamp(min=1e-4).transpose(-1, -2).float()
+    actual = loss_fn._spectrum(series, n_fft).clamp(min=1e-4)
+    assert actual.shape == expected.shape
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_stft_skips_fft_sizes_longer_than_the_sequence() -> None:
     reconstructed, targets = torch.randn(2, 2, 16, 6), torch.randn(2, 2, 16, 6)
     fitting = STFTLoss([4, 8])(reconstructed, targets)
@@ -239,11 +255,12 @@ def test_stft_skips_fft_sizes_longer_than_the_sequence() -> None:
     assert STFTLoss([32, 64])(reconstructed, targets).item() == 0.0
 
 
-def test_stft_windows_are_buffers() -> None:
+def test_stft_bases_are_buffers_outside_the_state_dict() -> None:
     loss_fn = STFTLoss([8, 16])
     buffers = dict(loss_fn.named_buffers())
-    assert set(buffers) == {"window_8", "window_16"}
-    torch.testing.assert_close(buffers["window_16"], torch.hann_window(16))
+    assert set(buffers) == {"basis_8", "basis_16"}
+    assert buffers["basis_16"].shape == (16, 18) and buffers["basis_16"].dtype == torch.float32
+    assert not loss_fn.state_dict()  # non-persistent: checkpoints are unchanged
 
 
 def test_stft_matches_spectral_convergence_and_log_magnitude_by_hand() -> None:

@@ -378,3 +378,18 @@ def test_time_features_need_times() -> None:
     x, masks = random_batch(1, 6, 16)
     with pytest.raises(ValueError, match="time_features=true and needs times"):
         model(x, masks)
+
+
+@pytest.mark.parametrize("prior", ["agg", "none"])
+def test_forward_compiles_as_one_graph(prior: str) -> None:
+    """No graph break in the forward that `training.compile` compiles (dynamo tracing only,
+    no Inductor: seconds on CPU). Times are passed, as training passes them."""
+    config = tiny_config(6, 16, **{"model.prior": prior})
+    model = Stage1Model(config)
+    x, masks = random_batch(2, 6, 16)
+    minutes = torch.tensor([1, 5, 15, 30, 60, 240])[:, None] * torch.arange(16)
+    times = (minutes * 60_000_000_000).expand(2, 6, 16).contiguous()
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(model)(x, masks, times)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1

@@ -1,7 +1,10 @@
 """Stage1Dataset and Stage1DataModule: windows → features → normalised batches.
 
-Batches are assembled whole: one vectorised gather of ``B`` windows from the sampler, features
-for the batch at once, one normalisation. A batch is a dict (ARCHITECTURE.md):
+Batches are assembled whole, on the device that uses them, by :class:`DeviceBatchBuilder`: the
+loaders yield only the window ids of a batch, Lightning moves them to the training device, and
+``Stage1DataModule.on_after_batch_transfer`` builds the batch there (gather, features and
+normalisation as torch ops on the sampler's bars, which moved to that device once). A batch is
+a dict (ARCHITECTURE.md):
 ``features``/``targets`` float32 ``[B, n_tf, seq_len, 6]`` (normalised, unmasked),
 ``times`` int64 ``[B, n_tf, seq_len]``, ``ref_price`` float64 ``[B]``, ``window_ids`` int64
 ``[B]``. Masks for training are drawn by the LightningModule on the batch's device;
@@ -21,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from stage1.config import ConfigLike, as_config
-from stage1.data.features import FeatureEngineer
+from stage1.data.device_batch import DeviceBatchBuilder
 from stage1.data.instruments import DataDirs, balanced_order, find_instruments, load_bar_blocks
 from stage1.data.masking import MaskingStrategy
 from stage1.data.normalization import TFNormalizer
@@ -66,18 +69,20 @@ def build_splits(sampler: MultiTFWindowSampler, config: ConfigLike) -> dict[str,
 
 def fit_normalizer(
     sampler: MultiTFWindowSampler,
-    engineer: FeatureEngineer,
     train_ids: np.ndarray,
     seed: int,
     max_windows: int = MAX_FIT_WINDOWS,
+    builder: DeviceBatchBuilder | None = None,
 ) -> TFNormalizer:
     """Fit a TFNormalizer on the features of train windows only: all of them, or a random
-    subset of ``max_windows`` drawn with ``seed`` (deterministic), streamed in chunks."""
+    subset of ``max_windows`` drawn with ``seed`` (deterministic), streamed in chunks.
+    ``builder``: the sampler's batch builder, if one exists already (else one is made)."""
     ids = np.asarray(train_ids)
     if len(ids) > max_windows:
         ids = np.sort(np.random.default_rng(seed).choice(ids, size=max_windows, replace=False))
+    builder = builder or DeviceBatchBuilder(sampler)
     chunks = (
-        engineer.process_batch(sampler.gather(ids[i : i + FIT_CHUNK_WINDOWS])[0])[0]
+        builder.features(ids[i : i + FIT_CHUNK_WINDOWS], normalize=False)
         for i in range(0, len(ids), FIT_CHUNK_WINDOWS)
     )
     normalizer = TFNormalizer(sampler.timeframes).fit(chunks)
@@ -94,8 +99,9 @@ class Stage1Dataset(Dataset[Batch]):
     """Windows of one split (``train``, ``val``, ``test`` or ``all``) as normalised features.
 
     Reads ``data_dir`` and builds the sampler and splits, unless ``sampler`` and ``splits`` are
-    given (``Stage1DataModule`` builds them once and shares them). Without a ``normalizer`` one
-    is fitted on the train split. ``window_ids`` are the split's windows (ids into ``sampler``).
+    given (``Stage1DataModule`` builds them once and shares them, and its CPU ``builder``).
+    Without a ``normalizer`` one is fitted on the train split. ``window_ids`` are the split's
+    windows (ids into ``sampler``). Batches are built on the CPU (``builder``'s device).
     """
 
     def __init__(
@@ -107,6 +113,7 @@ class Stage1Dataset(Dataset[Batch]):
         *,
         sampler: MultiTFWindowSampler | None = None,
         splits: dict[str, np.ndarray] | None = None,
+        builder: DeviceBatchBuilder | None = None,
     ) -> None:
         if split not in SPLITS:
             raise ConfigError(f"split: {split!r} is not one of {', '.join(SPLITS)}")
@@ -121,7 +128,7 @@ class Stage1Dataset(Dataset[Batch]):
         self.split = split
         self.sampler = sampler
         self.splits = splits
-        self.engineer = FeatureEngineer(config)
+        self.builder = builder or DeviceBatchBuilder(sampler)
         self.masking = MaskingStrategy(config.masking, sampler.timeframes, sampler.seq_len)
         self.window_ids: npt.NDArray[np.int64] = (
             np.arange(len(sampler), dtype=np.int64) if split == "all" else splits[split]
@@ -131,25 +138,16 @@ class Stage1Dataset(Dataset[Batch]):
             self.window_ids = self.window_ids[:limit]
         if normalizer is None:
             train_ids = splits["train"] if limit is None else splits["train"][:limit]
-            normalizer = fit_normalizer(sampler, self.engineer, train_ids, config.seed)
+            normalizer = fit_normalizer(sampler, train_ids, config.seed, builder=self.builder)
         self.normalizer = normalizer
+        self.builder.set_normalizer(normalizer)
 
     def __len__(self) -> int:
         return len(self.window_ids)
 
     def get_batch(self, indices: Sequence[int] | np.ndarray) -> Batch:
         """Batch of the split's windows at ``indices`` (positions in this split), vectorised."""
-        ids = self.window_ids[np.asarray(indices, dtype=np.int64)]
-        ohlc, times = self.sampler.gather(ids)
-        features, _ = self.engineer.process_batch(ohlc)
-        features = self.normalizer.normalize(features)
-        return {
-            "features": features,
-            "targets": features.clone(),
-            "times": torch.from_numpy(times),
-            "ref_price": self.engineer.reference_prices(ohlc),
-            "window_ids": torch.from_numpy(ids),
-        }
+        return self.builder.batch(self.window_ids[np.asarray(indices, dtype=np.int64)])
 
     def __getitem__(self, i: int) -> Batch:
         """One window (no batch dim) plus ``masks`` drawn with seed ``config.seed + i``."""
@@ -235,14 +233,15 @@ class WindowBatchSampler(Sampler[np.ndarray]):
         return sum(1 for _ in self._batches())
 
 
-class _BatchView(Dataset[Batch]):
-    """Indexed by a whole array of positions: one ``get_batch`` per DataLoader fetch."""
+class _WindowIds(Dataset[Batch]):
+    """Indexed by a whole array of positions: the batch's window ids, ``{'window_ids': [B]}``
+    (``Stage1DataModule.on_after_batch_transfer`` builds the batch from them)."""
 
     def __init__(self, dataset: Stage1Dataset) -> None:
         self.dataset = dataset
 
     def __getitem__(self, indices: np.ndarray) -> Batch:
-        return self.dataset.get_batch(indices)
+        return {"window_ids": torch.from_numpy(self.dataset.window_ids[indices])}
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -254,6 +253,10 @@ class Stage1DataModule(L.LightningDataModule):
     Build the Trainer with ``use_distributed_sampler=False``: each rank takes its own shard
     (rank and world size from the attached trainer, else 0 and 1) with a per-device batch of
     ``training.batch_size // world_size``. Val and test loaders cover every window exactly once.
+
+    Loaders yield ``{'window_ids': [B]}`` only; ``on_after_batch_transfer`` (called by
+    Lightning after moving them to the device, or by hand) turns them into the full batch on
+    that device. The sampler's bars go to each device once (``builder(device)``).
     """
 
     def __init__(
@@ -266,6 +269,7 @@ class Stage1DataModule(L.LightningDataModule):
         self.sampler: MultiTFWindowSampler | None = None
         self.splits: dict[str, np.ndarray] = {}
         self.datasets: dict[str, Stage1Dataset] = {}
+        self._builders: dict[torch.device, DeviceBatchBuilder] = {}
 
     def setup(self, stage: str | None = None) -> None:
         """Build the sampler, splits, normaliser and datasets (once; later calls are no-ops)."""
@@ -273,16 +277,37 @@ class Stage1DataModule(L.LightningDataModule):
             return
         sampler = build_sampler(self.data_dir, self.config)
         self.splits = build_splits(sampler, self.config)
-        train = Stage1Dataset(
-            None, self.config, "train", self.normalizer, sampler=sampler, splits=self.splits
-        )
-        self.normalizer = train.normalizer
-        self.datasets = {"train": train}
+        builder = DeviceBatchBuilder(sampler)
+
+        def dataset(split: str) -> Stage1Dataset:
+            return Stage1Dataset(
+                None, self.config, split, self.normalizer,
+                sampler=sampler, splits=self.splits, builder=builder,
+            )  # fmt: skip
+
+        self.datasets = {"train": dataset("train")}
+        self.normalizer = self.datasets["train"].normalizer
         for split in ("val", "test"):
-            self.datasets[split] = Stage1Dataset(
-                None, self.config, split, self.normalizer, sampler=sampler, splits=self.splits
-            )
+            self.datasets[split] = dataset(split)
+        self._builders = {builder.device: builder}
         self.sampler = sampler
+
+    def builder(self, device: str | torch.device) -> DeviceBatchBuilder:
+        """The batch builder on ``device`` (the bars are moved there on the first call)."""
+        if not self.datasets:
+            self.setup()
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if device not in self._builders:
+            assert self.sampler is not None
+            self._builders[device] = DeviceBatchBuilder(self.sampler, self.normalizer, device)
+        return self._builders[device]
+
+    def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
+        """``{'window_ids'}`` on a device → the full batch, built on that device."""
+        ids = batch["window_ids"]
+        return self.builder(ids.device).batch(ids)
 
     def _rank_and_world(self) -> tuple[int, int]:
         trainer = self.trainer
@@ -317,7 +342,7 @@ class Stage1DataModule(L.LightningDataModule):
                 "prefetch_factor": int(cfg.prefetch_factor),
             }
         return DataLoader(
-            _BatchView(dataset),
+            _WindowIds(dataset),
             batch_size=None,
             sampler=batches,
             num_workers=workers,

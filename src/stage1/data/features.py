@@ -10,8 +10,8 @@ changes nothing, and ``to_prices`` inverts the price features given ``ref``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -20,26 +20,84 @@ import torch
 from stage1.config import ConfigLike, as_config
 from stage1.data.timeframes import sort_timeframes
 
+if TYPE_CHECKING:
+    from stage1.data.normalization import TFNormalizer
+
 FEATURE_NAMES = ("open", "high", "low", "close", "delta_close", "body_ratio")
 OPEN, HIGH, LOW, CLOSE, DELTA_CLOSE, BODY_RATIO = range(6)
 N_FEATURES = len(FEATURE_NAMES)
 OHLC_COLUMNS = FEATURE_NAMES[:4]
 
 
-def _as_float64(ohlc: np.ndarray | torch.Tensor) -> np.ndarray:
-    """Prices as a C-contiguous float64 array (tensors are copied to the CPU)."""
-    if isinstance(ohlc, torch.Tensor):
-        ohlc = ohlc.detach().cpu().numpy()
-    return np.ascontiguousarray(ohlc, dtype=np.float64)
+def bar_table(ohlc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-bar float64 table ``[rows, 6]`` (log open/high/low/close, delta_close, body_ratio)
+    and ``log(close / open)`` ``[rows]``, from float64 prices ``[rows, 4]`` on any device.
+
+    ``delta_close`` of a row is ``log(close) - log(previous row's close)`` (row 0: its own
+    ``log(close / open)``); windows replace their first bar's with ``log(close / open)``."""
+    log_p = ohlc.log()
+    intrabar = log_p[:, CLOSE] - log_p[:, OPEN]
+    delta = torch.empty_like(intrabar)
+    delta[1:] = log_p[1:, CLOSE] - log_p[:-1, CLOSE]
+    delta[:1] = intrabar[:1]
+    # A flat bar (high == low) has open == close: the floored range makes its ratio 0.
+    bar_range = (ohlc[:, HIGH] - ohlc[:, LOW]).clamp_min(torch.finfo(torch.float64).tiny)
+    body = (ohlc[:, CLOSE] - ohlc[:, OPEN]) / bar_range
+    return torch.cat([log_p, delta[:, None], body[:, None]], dim=1), intrabar
 
 
-def _log_ratio(new: np.ndarray, base: np.ndarray) -> np.ndarray:
-    """``log(new / base)`` as float32: ``log1p((new - base) / base)`` with the relative change
-    formed in float64 and only the log1p of that small number taken in float32, which is exact
-    to float32 precision and several times cheaper than a float64 log."""
-    change = np.empty(np.broadcast_shapes(new.shape, base.shape), dtype=np.float32)
-    np.divide(new - base, base, out=change, casting="same_kind")
-    return torch.log1p_(torch.from_numpy(change)).numpy()
+def window_features(
+    bars: torch.Tensor,
+    first_intrabar: torch.Tensor,
+    stats: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Features of windows from their bars' :func:`bar_table` rows (overwritten in place).
+
+    bars: float64 ``[B, n_tf, L, 6]``; first_intrabar: float64 ``[B, n_tf]``, ``log(close /
+    open)`` of each timeframe's first bar; stats: float64 ``(mean, 1 / std)``, each
+    ``[n_tf, 1, 6]``, or ``None`` for raw features. Returns float32 ``[B, n_tf, L, 6]``: the
+    price features ``log p - log ref`` (a difference of float64 logs, exact even for nearby
+    prices), z-scored in float64 and rounded to float32 once.
+    """
+    bars[:, :, 0, DELTA_CLOSE] = first_intrabar
+    # One pass subtracts the base timeframe's oldest log open from the price columns and the
+    # mean from all: shift [B, 1, 1, 6] (+ mean [n_tf, 1, 6]).
+    shift = torch.zeros(len(bars), 1, 1, N_FEATURES, dtype=bars.dtype, device=bars.device)
+    shift[..., : CLOSE + 1] = bars[:, :1, :1, OPEN : OPEN + 1]
+    out = torch.empty(bars.shape, dtype=torch.float32, device=bars.device)
+    if stats is None:
+        return out.copy_(bars.sub_(shift))
+    mean, inv_std = stats
+    return torch.mul(bars.sub_(shift + mean), inv_std, out=out)
+
+
+def float64_stats(
+    mean: torch.Tensor, std: torch.Tensor, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mean, 1 / std)`` float64 ``[n_tf, 1, 6]`` on ``device`` for :func:`window_features`."""
+    mean64 = mean.to(device, torch.float64)[:, None, :]
+    return mean64, 1.0 / std.to(device, torch.float64)[:, None, :]
+
+
+def numpy_reference_features(ohlc: np.ndarray) -> torch.Tensor:
+    """The NumPy feature code the batch path replaced (float64 relative changes, float32
+    ``log1p``), kept only as the reference of tests and ``benchmarks/bench_sampler.py``:
+    float64 ``[B, n_tf, L, 4]`` prices → raw features float32 ``[B, n_tf, L, 6]``."""
+
+    def log_ratio(new: np.ndarray, base: np.ndarray) -> np.ndarray:
+        change = np.empty(np.broadcast_shapes(new.shape, base.shape), dtype=np.float32)
+        np.divide(new - base, base, out=change, casting="same_kind")
+        return torch.log1p_(torch.from_numpy(change)).numpy()
+
+    per_window = ohlc.reshape(len(ohlc), -1)
+    log_rel = log_ratio(per_window, per_window[:, :1]).reshape(ohlc.shape)
+    close = ohlc[..., CLOSE]
+    prev_close = np.concatenate([ohlc[..., :1, OPEN], close[..., :-1]], axis=-1)
+    bar_range = np.maximum(ohlc[..., HIGH] - ohlc[..., LOW], np.finfo(np.float64).tiny)
+    body = np.empty(bar_range.shape, dtype=np.float32)
+    np.divide(close - ohlc[..., OPEN], bar_range, out=body, casting="same_kind")
+    delta = log_ratio(close, prev_close)
+    return torch.from_numpy(np.concatenate([log_rel, delta[..., None], body[..., None]], -1))
 
 
 class FeatureEngineer:
@@ -53,32 +111,30 @@ class FeatureEngineer:
 
         ohlc: ``[..., n_tf, seq_len, 4]`` → float64 ``[...]``.
         """
-        return torch.from_numpy(_as_float64(ohlc)[..., 0, 0, OPEN].copy())
+        return torch.as_tensor(ohlc, dtype=torch.float64)[..., 0, 0, OPEN].clone()
 
-    def process_batch(self, ohlc: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Features of a batch of windows, computed from float64 prices, returned as float32.
+    def process_batch(
+        self, ohlc: np.ndarray | torch.Tensor, normalizer: TFNormalizer | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features of a batch of raw price windows, computed in float64, returned as float32.
 
         ohlc: ``[B, n_tf, seq_len, 4]`` (ndarray or tensor; any leading dims work) →
-        ``(features, targets)``, each float32 ``[B, n_tf, seq_len, 6]`` on the input's device.
-        ``targets`` holds the same values as ``features`` in a separate tensor.
+        ``(features, targets)``, each float32 ``[B, n_tf, seq_len, 6]`` on the input's device;
+        z-scores with ``normalizer`` (formed in float64, as training batches are), else raw.
+        ``targets`` holds the same values as ``features`` in a separate tensor. Windows of the
+        sampler are built faster from per-bar tables (``DeviceBatchBuilder``), same math.
         """
-        prices = _as_float64(ohlc)
+        prices = torch.as_tensor(ohlc, dtype=torch.float64)
         if prices.ndim < 3 or prices.shape[-1] != 4:
             raise ValueError(f"ohlc must be [..., n_tf, seq_len, 4], got {tuple(prices.shape)}")
-        per_window = prices.reshape(-1, math.prod(prices.shape[-3:]))  # one row per window
-        log_rel = _log_ratio(per_window, per_window[:, :1]).reshape(prices.shape)  # ref: open[0]
-        close = prices[..., CLOSE]
-        prev_close = np.concatenate([prices[..., :1, OPEN], close[..., :-1]], axis=-1)
-        # A flat bar (high == low) has open == close, so flooring the range at the smallest
-        # positive float makes its ratio 0 without a masked (slow) division.
-        bar_range = np.maximum(prices[..., HIGH] - prices[..., LOW], np.finfo(np.float64).tiny)
-        body_ratio = np.empty(bar_range.shape, dtype=np.float32)
-        np.divide(close - prices[..., OPEN], bar_range, out=body_ratio, casting="same_kind")
-        features = np.concatenate(
-            [log_rel, _log_ratio(close, prev_close)[..., None], body_ratio[..., None]], axis=-1
-        )
-        device = ohlc.device if isinstance(ohlc, torch.Tensor) else torch.device("cpu")
-        out = torch.from_numpy(features).to(device)
+        windows = prices.reshape(-1, *prices.shape[-3:])  # [B, n_tf, L, 4]
+        table, intrabar = bar_table(windows.reshape(-1, 4))
+        bars = table.view(*windows.shape[:-1], N_FEATURES)
+        first_intrabar = intrabar.view(windows.shape[:-1])[..., 0]
+        stats = None
+        if normalizer is not None:
+            stats = float64_stats(normalizer.mean, normalizer.std, prices.device)
+        out = window_features(bars, first_intrabar, stats).view(*prices.shape[:-1], N_FEATURES)
         return out, out.clone()
 
     def process_window(

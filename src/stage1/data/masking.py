@@ -79,6 +79,18 @@ class MaskingStrategy:
         self.max_hidden = [
             max(1, min(math.ceil(target), seq_len - first)) for first in self.first_maskable
         ]
+        self._device_constants: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+
+    def _constants(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """``first_maskable``, ``max_hidden`` and ``span_scale`` on ``device``, made once: a
+        copy from a host list to a GPU would wait for the GPU's queue at every batch."""
+        if device not in self._device_constants:
+            self._device_constants[device] = (
+                torch.tensor(self.first_maskable, device=device),
+                torch.tensor(self.max_hidden, device=device),
+                torch.tensor(self.span_scale, dtype=torch.float64, device=device)[:, None],
+            )
+        return self._device_constants[device]
 
     def span_bounds(self, k: int) -> tuple[int, int]:
         """Shortest and longest span of timeframe ``k``, in its own bars (before clipping)."""
@@ -111,8 +123,7 @@ class MaskingStrategy:
         def rand(*shape: int) -> torch.Tensor:
             return torch.rand(shape, generator=generator, device=device)
 
-        first = torch.tensor(self.first_maskable, device=device)  # [n_tf]
-        cap = torch.tensor(self.max_hidden, device=device)
+        first, cap, scale = self._constants(device)  # [n_tf], [n_tf], [n_tf, 1]
         target = self.mask_ratio * length
         n_hidden = (math.floor(target) + (rand(batch, n_tf) < target % 1).long()).clamp(min=1)
         n_hidden = torch.minimum(n_hidden, cap)  # [B, n_tf]
@@ -123,7 +134,6 @@ class MaskingStrategy:
             self.span_min_bars
             + (rand(batch, n_tf, n_spans) * (self.span_max_bars - self.span_min_bars + 1)).long()
         )
-        scale = torch.tensor(self.span_scale, dtype=torch.float64, device=device)[:, None]
         span = torch.round(base_len * scale).long().clamp(min=1)
         before = span.cumsum(-1) - span
         span = torch.minimum(span, n_hidden[..., None] - before).clamp(min=0)
