@@ -109,7 +109,7 @@ def child(root: Path, cache_dir: Path, instruments: list[str] | None, batches: i
     start = time.perf_counter()
     loader = iter(dm.train_dataloader())
     for _ in range(batches):
-        batch = next(loader)
+        batch = dm.on_after_batch_transfer(next(loader), 0)  # built where Lightning would
         masking.generate(batch["times"])
         n_windows += len(batch["window_ids"])
         peak_anon = max(peak_anon, memory_mib()["RssAnon"])

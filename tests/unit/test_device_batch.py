@@ -75,6 +75,20 @@ def test_features_equal_the_numpy_reference_path(real) -> None:
     torch.testing.assert_close(raw, reference_raw, atol=1e-9, rtol=3e-7)
 
 
+def test_resident_tables_and_gathered_prices_give_the_same_batch(real) -> None:
+    """Bars held as per-bar tables (the accelerator default) and prices gathered per batch
+    from the sampler's arrays (the CPU default, bounded memory) give bit-identical batches."""
+    sampler, normalizer, ids = real
+    resident = DeviceBatchBuilder(sampler, normalizer, resident=True)
+    gathered = DeviceBatchBuilder(sampler, normalizer)
+    assert resident.resident and not gathered.resident
+    expected, got = resident.batch(ids), gathered.batch(ids)
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+    raw = gathered.features(ids, normalize=False)
+    assert torch.equal(resident.features(ids, normalize=False), raw)
+
+
 def test_raw_price_windows_get_the_same_features(real) -> None:
     """``FeatureEngineer.process_batch`` (raw windows, e.g. live RL ones) is the same math."""
     sampler, normalizer, ids = real
@@ -120,7 +134,7 @@ def test_features_are_scale_free(synthetic_sampler: MultiTFWindowSampler) -> Non
 
 def test_the_accelerator_gather_equals_the_cpu_one(synthetic_sampler) -> None:
     """``_take_rows`` uses np.take on the CPU and torch indexing elsewhere: the same rows."""
-    builder = DeviceBatchBuilder(synthetic_sampler)
+    builder = DeviceBatchBuilder(synthetic_sampler, resident=True)
     rows = builder.rows(np.arange(0, len(synthetic_sampler), 31))
     assert torch.equal(_take_rows(builder.table, rows), builder.table[rows])
     assert torch.equal(_take_rows(builder.open_ns, rows), builder.open_ns[rows])

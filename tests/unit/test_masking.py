@@ -227,7 +227,7 @@ def test_evaluation_scores_on_its_own_mask_ratio(frames) -> None:
     # Every timeframe's realised share follows its strategy's ratio.
     assert torch.all((train.float().mean(dim=(0, 2)) - 0.4).abs() <= 0.02)
     assert torch.all((scored.float().mean(dim=(0, 2)) - 0.15).abs() <= 0.02)
-    unset = load_config("test", ["masking.mask_ratio=0.4"])
+    unset = load_config("test", ["masking.mask_ratio=0.4", "evaluation.mask_ratio=null"])
     assert evaluation_masking(unset, unset.data.timeframes, 48).mask_ratio == 0.4
     with pytest.raises(ConfigError, match=r"evaluation.mask_ratio: must lie in \(0, 1\)"):
         load_config("test", ["evaluation.mask_ratio=1.5"])

@@ -34,6 +34,7 @@ from stage1.data.features import (
     OPEN,
     bar_table,
     float64_stats,
+    price_window_features,
     window_features,
 )
 from stage1.data.normalization import TFNormalizer
@@ -72,6 +73,13 @@ class DeviceBatchBuilder:
     Without a ``normalizer`` (or with ``normalize=False``) features are raw, as the
     normaliser's fit needs them; ``set_normalizer`` binds the statistics later. The statistics
     live on the device, so building a batch copies nothing from the host but the ids.
+
+    ``resident`` (default: True on an accelerator, False on the CPU) chooses where the bars
+    live. Off, nothing is copied: a batch gathers its windows' prices from the sampler's own
+    (possibly memory-mapped) arrays and computes the same per-bar quantities for them only
+    (:func:`~stage1.data.features.price_window_features`, equal to the tables' values). On the
+    CPU that is as fast (each bar's log is taken per window, but no table is read) and keeps
+    memory bounded by the sampler's arrays, which several instruments' memory-mapped bars need.
     """
 
     def __init__(
@@ -79,10 +87,17 @@ class DeviceBatchBuilder:
         sampler: MultiTFWindowSampler,
         normalizer: TFNormalizer | None = None,
         device: str | torch.device = "cpu",
+        resident: bool | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.timeframes = list(sampler.timeframes)
         self.seq_len = int(sampler.seq_len)
+        self.resident = self.device.type != "cpu" if resident is None else bool(resident)
+        self.sampler = sampler
+        self.offsets = torch.arange(self.seq_len - 1, -1, -1, device=self.device)  # old → new
+        if not self.resident:
+            self.set_normalizer(normalizer)
+            return
         n_tf = len(self.timeframes)
         tables, intrabars, times = [], [], []
         for k in range(n_tf):
@@ -102,7 +117,6 @@ class DeviceBatchBuilder:
         # Row-major (the sampler's index is column-major): a batch reads whole rows of it.
         self.end_rows = (end_rows + self.row_offsets).contiguous()  # [n_windows, n_tf], global
         self.base_end_rows = end_rows[:, 0].contiguous()  # rows of the base timeframe itself
-        self.offsets = torch.arange(self.seq_len - 1, -1, -1, device=self.device)  # old → new
         self.set_normalizer(normalizer)
 
     def set_normalizer(self, normalizer: TFNormalizer | None) -> None:
@@ -126,28 +140,50 @@ class DeviceBatchBuilder:
         return torch.as_tensor(np.asarray(window_ids, dtype=np.int64), device=self.device)
 
     def rows(self, window_ids: npt.ArrayLike | torch.Tensor) -> torch.Tensor:
-        """Global rows of every window's bars, int64 ``[B, n_tf, seq_len]`` (oldest → newest)."""
+        """Global rows of every window's bars, int64 ``[B, n_tf, seq_len]`` (oldest → newest);
+        resident builders only."""
         ids = self._as_ids(window_ids)
         return self.end_rows[ids][..., None] - self.offsets
+
+    def _stats_for(self, normalize: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return self._stats if normalize and self.normalizer is not None else None
+
+    def _gathered(self, window_ids: npt.ArrayLike | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        ids = window_ids.cpu().numpy() if isinstance(window_ids, torch.Tensor) else window_ids
+        return self.sampler.gather(np.asarray(ids, dtype=np.int64))
 
     def features(
         self, window_ids: npt.ArrayLike | torch.Tensor, normalize: bool = True
     ) -> torch.Tensor:
         """Features float32 ``[B, n_tf, seq_len, 6]``: z-scores, or raw with ``normalize=False``
         (the normaliser's fit) or without a normaliser."""
+        if not self.resident:
+            ohlc, _ = self._gathered(window_ids)
+            prices = torch.from_numpy(ohlc).to(self.device)
+            return price_window_features(prices, self._stats_for(normalize))
         return self._features(self.rows(window_ids), normalize)
 
     def _features(self, rows: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         bars = _take_rows(self.table, rows)  # [B, n_tf, L, 6] float64
         first_intrabar = _take_rows(self.intrabar, rows[:, :, 0])
-        stats = self._stats if normalize and self.normalizer is not None else None
-        return window_features(bars, first_intrabar, stats)
+        return window_features(bars, first_intrabar, self._stats_for(normalize))
 
     def batch(self, window_ids: npt.ArrayLike | torch.Tensor) -> Batch:
         """The training batch of ``window_ids`` (see :mod:`stage1.data.dataset`): ``features``
         and ``targets`` float32 ``[B, n_tf, seq_len, 6]``, ``times`` int64 ``[B, n_tf,
         seq_len]``, ``ref_price`` float64 ``[B]``, ``window_ids`` int64 ``[B]``, on the device."""
         ids = self._as_ids(window_ids)
+        if not self.resident:
+            ohlc, times = self._gathered(ids)
+            prices = torch.from_numpy(ohlc).to(self.device)
+            features = price_window_features(prices, self._stats_for(True))
+            return {
+                "features": features,
+                "targets": features.clone(),
+                "times": torch.from_numpy(times).to(self.device),
+                "ref_price": prices[:, 0, 0, OPEN].contiguous(),
+                "window_ids": ids,
+            }
         rows = self.end_rows[ids][..., None] - self.offsets
         features = self._features(rows)
         first_base_row = self.base_end_rows[ids] - (self.seq_len - 1)

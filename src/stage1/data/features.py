@@ -100,6 +100,21 @@ def numpy_reference_features(ohlc: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.concatenate([log_rel, delta[..., None], body[..., None]], -1))
 
 
+def price_window_features(
+    prices: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> torch.Tensor:
+    """Features float32 ``[..., n_tf, L, 6]`` of float64 price windows ``[..., n_tf, L, 4]``:
+    the per-bar table of every gathered bar, then :func:`window_features` (z-scores with
+    ``stats`` from :func:`float64_stats`, else raw). The same values as gathering rows of the
+    whole series' table (every per-bar quantity is elementwise; the one cross-bar value, a
+    window's first ``delta_close``, is replaced by its intrabar move either way)."""
+    windows = prices.reshape(-1, *prices.shape[-3:])  # [B, n_tf, L, 4]
+    table, intrabar = bar_table(windows.reshape(-1, 4))
+    bars = table.view(*windows.shape[:-1], N_FEATURES)
+    first_intrabar = intrabar.view(windows.shape[:-1])[..., 0]
+    return window_features(bars, first_intrabar, stats).view(*prices.shape[:-1], N_FEATURES)
+
+
 class FeatureEngineer:
     """Builds ``[.., n_tf, seq_len, 6]`` features from raw OHLC; ``config`` gives the timeframes."""
 
@@ -127,14 +142,10 @@ class FeatureEngineer:
         prices = torch.as_tensor(ohlc, dtype=torch.float64)
         if prices.ndim < 3 or prices.shape[-1] != 4:
             raise ValueError(f"ohlc must be [..., n_tf, seq_len, 4], got {tuple(prices.shape)}")
-        windows = prices.reshape(-1, *prices.shape[-3:])  # [B, n_tf, L, 4]
-        table, intrabar = bar_table(windows.reshape(-1, 4))
-        bars = table.view(*windows.shape[:-1], N_FEATURES)
-        first_intrabar = intrabar.view(windows.shape[:-1])[..., 0]
         stats = None
         if normalizer is not None:
             stats = float64_stats(normalizer.mean, normalizer.std, prices.device)
-        out = window_features(bars, first_intrabar, stats).view(*prices.shape[:-1], N_FEATURES)
+        out = price_window_features(prices, stats)
         return out, out.clone()
 
     def process_window(
