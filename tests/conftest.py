@@ -3,15 +3,28 @@ small synthetic data directories built through the real code paths."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 REAL_M1 = SHARED_DATA / "usdjpy_m1_2017_2019.parquet"
 SEED_LAYOUT = SHARED_DATA / "seed_layout"
 TIMEFRAMES = ["m1", "m5", "m15", "m30", "h1", "h4"]
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op thread for a module (``pytestmark = pytest.mark.usefixtures(...)``): the
+    test models' ops are too small to gain from a second thread, and on a busy 2-core machine
+    OpenMP threads that spin-wait on each other make every op many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

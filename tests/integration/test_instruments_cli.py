@@ -5,13 +5,11 @@ instrument); several ``--data_dir`` flags; a root missing a timeframe."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from stage1.cli import main
 from stage1.data.synthetic import write_synthetic_root
@@ -36,12 +34,7 @@ SHORT = [
 EVAL = ["evaluation.max_windows=300", "evaluation.probe_max_train_windows=300"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

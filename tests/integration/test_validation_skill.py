@@ -4,7 +4,6 @@ and masks."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import lightning as L
@@ -20,12 +19,7 @@ from stage1.training import Stage1LightningModule, build_trainer
 SPLITS = ["data.train_frac=0.4", "data.val_frac=0.3", "data.limit_train_windows=64"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -26,13 +26,7 @@ SEQ_LEN = 32
 PARTS = ("huber", "stft", "cross_tf", "amp_phase")
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny tensors: one intra-op thread is faster, and far faster on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def m1_bars(n_rows: int, seed: int) -> pd.DataFrame:

@@ -18,14 +18,7 @@ from stage1.model.stem import apply_stems
 TIMEFRAMES = ["m1", "m5", "m15", "m30", "h1", "h4"]
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """These tensors are tiny: intra-op threads cost more than they give, and on a busy 2-core
-    machine OpenMP's spin-waiting makes a step up to 100x slower than with one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_config(n_tf: int = 6, seq_len: int = 16, **extra: object):
