@@ -2,8 +2,8 @@
 
 Windows are built by exactly the training code: :class:`MultiTFWindowSampler` (same
 ``seq_len`` and staleness rule, no look-ahead) and :class:`DeviceBatchBuilder` on the engine's
-device (gather, features, the checkpoint's ``TFNormalizer``); the model then runs without masks. So an anchor time
-gets the same embedding here as the ``encoded`` output training computes for that window.
+device (gather, features, the checkpoint's ``TFNormalizer``); the model then runs without
+masks. So an anchor time gets the same embedding here as the ``encoded`` output training computes for that window.
 
 An embedding is keyed by its anchor: the CLOSE time of the newest base-timeframe bar in the
 window, i.e. the moment it becomes available to a live agent. Shapes:

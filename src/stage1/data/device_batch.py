@@ -148,9 +148,11 @@ class DeviceBatchBuilder:
     def _stats_for(self, normalize: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
         return self._stats if normalize and self.normalizer is not None else None
 
-    def _gathered(self, window_ids: npt.ArrayLike | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        ids = window_ids.cpu().numpy() if isinstance(window_ids, torch.Tensor) else window_ids
-        return self.sampler.gather(np.asarray(ids, dtype=np.int64))
+    def _gathered(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prices float64 ``[B, n_tf, L, 4]`` and open times of ``ids`` from the sampler's own
+        arrays (not resident), on the device."""
+        ohlc, times = self.sampler.gather(ids.cpu().numpy())
+        return torch.from_numpy(ohlc).to(self.device), torch.from_numpy(times).to(self.device)
 
     def features(
         self, window_ids: npt.ArrayLike | torch.Tensor, normalize: bool = True
@@ -158,8 +160,7 @@ class DeviceBatchBuilder:
         """Features float32 ``[B, n_tf, seq_len, 6]``: z-scores, or raw with ``normalize=False``
         (the normaliser's fit) or without a normaliser."""
         if not self.resident:
-            ohlc, _ = self._gathered(window_ids)
-            prices = torch.from_numpy(ohlc).to(self.device)
+            prices, _ = self._gathered(self._as_ids(window_ids))
             return price_window_features(prices, self._stats_for(normalize))
         return self._features(self.rows(window_ids), normalize)
 
@@ -173,24 +174,20 @@ class DeviceBatchBuilder:
         and ``targets`` float32 ``[B, n_tf, seq_len, 6]``, ``times`` int64 ``[B, n_tf,
         seq_len]``, ``ref_price`` float64 ``[B]``, ``window_ids`` int64 ``[B]``, on the device."""
         ids = self._as_ids(window_ids)
-        if not self.resident:
-            ohlc, times = self._gathered(ids)
-            prices = torch.from_numpy(ohlc).to(self.device)
+        if self.resident:
+            rows = self.rows(ids)
+            features = self._features(rows)
+            times = _take_rows(self.open_ns, rows)
+            first_base_row = self.base_end_rows[ids] - (self.seq_len - 1)
+            ref_price = _take_rows(self.base_open, first_base_row)
+        else:
+            prices, times = self._gathered(ids)
             features = price_window_features(prices, self._stats_for(True))
-            return {
-                "features": features,
-                "targets": features.clone(),
-                "times": torch.from_numpy(times).to(self.device),
-                "ref_price": prices[:, 0, 0, OPEN].contiguous(),
-                "window_ids": ids,
-            }
-        rows = self.end_rows[ids][..., None] - self.offsets
-        features = self._features(rows)
-        first_base_row = self.base_end_rows[ids] - (self.seq_len - 1)
+            ref_price = prices[:, 0, 0, OPEN].contiguous()
         return {
             "features": features,
             "targets": features.clone(),
-            "times": _take_rows(self.open_ns, rows),
-            "ref_price": _take_rows(self.base_open, first_base_row),
+            "times": times,
+            "ref_price": ref_price,
             "window_ids": ids,
         }

@@ -412,11 +412,9 @@ def evaluate_checkpoint(
         "masking": {
             "synchronised": sync,
             "seed": int(config.evaluation.seed),
-            "mask_ratio": float(
-                config.masking.mask_ratio
-                if config.evaluation.mask_ratio is None
-                else config.evaluation.mask_ratio
-            ),
+            "mask_ratio": evaluation_masking(
+                config, sampler.timeframes, sampler.seq_len
+            ).mask_ratio,
             "span_min_bars": int(config.masking.span_min_bars),
             "span_max_bars": int(config.masking.span_max_bars),
             "batch_size": EVAL_BATCH_SIZE,

@@ -28,7 +28,7 @@ from torch import nn
 from stage1.config import ConfigLike, as_config
 from stage1.data.features import BODY_RATIO, DELTA_CLOSE, N_FEATURES
 from stage1.data.masking import mask_model_input
-from stage1.data.timeframes import sort_timeframes, tf_ns
+from stage1.data.timeframes import NS_PER_MINUTE, sort_timeframes, tf_ns
 from stage1.errors import ConfigError
 from stage1.model.bottleneck import Bottleneck, compute_latent_len
 from stage1.model.decoder import TFDecoder
@@ -42,7 +42,6 @@ N_SCALE_CHANNELS = 2
 # Extra input channels with time_features: sin/cos of the time of day and of the day of the
 # week of each bar's open, and its age (anchor - close) in window lengths of its timeframe.
 N_TIME_CHANNELS = 5
-NS_PER_MINUTE = 60_000_000_000
 MINUTES_PER_DAY = 1440
 
 
@@ -63,6 +62,7 @@ class Stage1Model(nn.Module):
 
     norm_mean: torch.Tensor
     norm_std: torch.Tensor
+    tf_durations_ns: torch.Tensor
 
     def __init__(self, config: ConfigLike) -> None:
         super().__init__()
@@ -88,6 +88,10 @@ class Stage1Model(nn.Module):
         )
         self.register_buffer("norm_mean", torch.zeros(self.n_tf, N_FEATURES))
         self.register_buffer("norm_std", torch.ones(self.n_tf, N_FEATURES))
+        # On the model's device once (not a host list per batch); not part of the state dict.
+        self.register_buffer(
+            "tf_durations_ns", torch.tensor(self.durations_ns)[None, :, None], persistent=False
+        )
 
         # Added to hidden bars (per timeframe, in the 6-feature input space) after their values
         # are replaced by the prior's fill (or by 0), so no layer sees a hidden bar's real values.
@@ -227,7 +231,7 @@ class Stage1Model(nn.Module):
         minute_of_week = torch.remainder(minutes + 3 * MINUTES_PER_DAY, 7 * MINUTES_PER_DAY)
         day = minute_of_day * (2 * torch.pi / MINUTES_PER_DAY)
         week = minute_of_week.float() * (2 * torch.pi / (7 * MINUTES_PER_DAY))
-        durations = torch.tensor(self.durations_ns, device=times.device)[None, :, None]
+        durations = self.tf_durations_ns  # [1, n_tf, 1]
         anchor = times[:, :1, -1:] + durations[:, :1]
         age = (anchor - times - durations).float() / (durations * self.seq_len).float()
         return torch.stack([day.sin(), day.cos(), week.sin(), week.cos(), age], dim=-1)
