@@ -90,7 +90,7 @@ def test_an_instrument_without_a_timeframe_names_the_instrument_and_the_file(
 def test_no_window_mixes_instruments(sampler: MultiTFWindowSampler, root: Path, config) -> None:
     assert sampler.instruments == NAMES
     starts = sampler.block_starts
-    owner = sampler.instrument_ids
+    owner = sampler.instrument_of(np.arange(len(sampler)))
     assert np.all(np.diff(owner) >= 0) and set(owner.tolist()) == {0, 1, 2}
     for k in range(len(TIMEFRAMES)):
         oldest = sampler.end_rows[:, k] - (sampler.seq_len - 1)

@@ -119,7 +119,7 @@ class MultiTFWindowSampler:
     ``end_rows`` int64 ``[n_windows, n_tf]`` (global row of each timeframe's newest bar),
     ``anchor_ns`` int64 ``[n_windows]``, ``window_starts`` int64 ``[n_instruments + 1]``
     (instrument ``i``'s windows are ids ``window_starts[i]`` to ``window_starts[i + 1]``),
-    ``instrument_ids`` (instrument of every window), ``_open_ns[k]`` / ``_ohlc[k]`` (the bars).
+    ``instrument_of(ids)`` (instrument of windows), ``_open_ns[k]`` / ``_ohlc[k]`` (the bars).
     """
 
     def __init__(
@@ -202,7 +202,6 @@ class MultiTFWindowSampler:
         self.window_starts: IntArray = np.searchsorted(base_rows, blocks.starts[:, 0]).astype(
             np.int64
         )
-        self._instrument_ids: npt.NDArray[np.int16] | None = None
 
     # ----------------------------------------------------------------------------- index
     def _block_ends(self, i: int) -> tuple[npt.NDArray[np.bool_], list[npt.NDArray[np.int32]]]:
@@ -337,17 +336,6 @@ class MultiTFWindowSampler:
         return end_rows, anchors
 
     # ----------------------------------------------------------------------------- instruments
-    @property
-    def instrument_ids(self) -> npt.NDArray[np.int16]:
-        """Instrument (index into ``instruments``) of every window, ``[n_windows]`` (made on
-        first use; ``instrument_of`` answers for a batch without it)."""
-        if self._instrument_ids is None:
-            counts = np.diff(self.window_starts)
-            self._instrument_ids = np.repeat(
-                np.arange(len(self.instruments), dtype=np.int16), counts
-            )
-        return self._instrument_ids
-
     def instrument_of(self, window_ids: npt.ArrayLike) -> npt.NDArray[np.int64]:
         """Instrument index of each of ``window_ids``."""
         ids = np.asarray(window_ids, dtype=np.int64)
