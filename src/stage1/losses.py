@@ -33,9 +33,9 @@ def _fp32(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype != torch.float32 else x
 
 
-def _magnitude(spec: torch.Tensor) -> torch.Tensor:
-    """|spec| of a complex tensor, with a floor so the gradient stays finite."""
-    return torch.sqrt(torch.clamp(spec.real.square() + spec.imag.square(), min=_POWER_EPS))
+def _magnitude(real: torch.Tensor, imag: torch.Tensor) -> torch.Tensor:
+    """|real + i imag|, with a floor so the gradient stays finite."""
+    return torch.sqrt(torch.clamp(real.square() + imag.square(), min=_POWER_EPS))
 
 
 class HuberLoss(nn.Module):
@@ -119,7 +119,7 @@ class STFTLoss(nn.Module):
         frames = padded.unfold(-1, n_fft, max(n_fft // 4, 1))  # [N, frames, n_fft]
         spec = frames @ getattr(self, f"basis_{n_fft}")  # [N, frames, 2 * n_freq]: re | im
         real, imag = spec.chunk(2, dim=-1)
-        return torch.sqrt(torch.clamp(real.square() + imag.square(), min=_POWER_EPS))
+        return _magnitude(real, imag)
 
 
 def dft_basis(n_fft: int) -> torch.Tensor:
@@ -251,7 +251,10 @@ class AmplitudePhaseCorrelationLoss(nn.Module):
         with torch.autocast(reconstructed.device.type, enabled=False):
             rec_spec = torch.fft.rfft(_fp32(reconstructed).transpose(-1, -2), dim=-1)
             tgt_spec = torch.fft.rfft(_fp32(targets).transpose(-1, -2), dim=-1)
-            rec_amp, tgt_amp = _magnitude(rec_spec), _magnitude(tgt_spec)  # [B, n_tf, 6, F]
+            rec_amp, tgt_amp = (
+                _magnitude(rec_spec.real, rec_spec.imag),
+                _magnitude(tgt_spec.real, tgt_spec.imag),
+            )  # [B, n_tf, 6, F]
 
             rec_centred = rec_amp[..., 1:] - rec_amp[..., 1:].mean(-1, keepdim=True)
             tgt_centred = tgt_amp[..., 1:] - tgt_amp[..., 1:].mean(-1, keepdim=True)
