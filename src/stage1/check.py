@@ -118,6 +118,7 @@ class _Check:
     def model_and_loss(self) -> str:
         from stage1.losses import Stage1CombinedLoss
         from stage1.model.model import Stage1Model
+        from stage1.module import LOSS_PARTS
 
         torch.manual_seed(0)
         model = Stage1Model(self.plain_config)
@@ -131,10 +132,15 @@ class _Check:
         _expect(tuple(out["reconstructed"].shape) == (16, n_tf, seq_len, 6), "reconstructed shape")
         _expect(tuple(out["encoded"].shape) == want, f"encoded {tuple(out['encoded'].shape)}")
         criterion = Stage1CombinedLoss(self.plain_config, normalizer.mean, normalizer.std)
+        forecast = None
+        if model.forecast_head is not None:  # as training does: from the full window
+            predicted = model.forecast(model.encode(batch["features"], None, batch["times"]))
+            forecast = (predicted, batch["future_log_vol"], batch["future_valid"])
         losses = criterion(
-            out["reconstructed"], batch["targets"], masks, batch["times"], out.get("scale")
-        )
-        _expect(set(losses) == {"total", "huber", "stft", "cross_tf", "amp_phase"}, "loss keys")
+            out["reconstructed"], batch["targets"], masks, batch["times"], out.get("scale"),
+            forecast,
+        )  # fmt: skip
+        _expect(set(losses) == {"total", *LOSS_PARTS}, "loss keys")
         _expect(all(bool(torch.isfinite(v)) for v in losses.values()), f"loss {losses}")
         losses["total"].backward()
         missing = [name for name, p in model.named_parameters() if p.grad is None]

@@ -88,6 +88,9 @@ class ModelConfig:
     window_scale: bool = True
     # Calendar inputs from bar open times: time of day, day of week, age before the anchor.
     time_features: bool = False
+    # Forecast head on the pooled embedding: log realised volatility of the next h base bars,
+    # one output per horizon (labels only; trained with loss.weights.forecast). [] = no head.
+    forecast_horizons: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -111,6 +114,8 @@ class LossWeights:
     stft: float = 0.0
     cross_tf: float = 0.0
     amp_phase: float = 0.0
+    # The forecast head's squared error (log vol units); used when model.forecast_horizons is set.
+    forecast: float = 0.0
 
 
 @dataclass

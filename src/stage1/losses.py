@@ -272,11 +272,22 @@ class AmplitudePhaseCorrelationLoss(nn.Module):
             return (per_series * valid).sum() / valid.sum().clamp(min=1.0)
 
 
-class Stage1CombinedLoss(nn.Module):
-    """Weighted sum of the four losses (weights from ``config.loss.weights``).
+def forecast_loss(
+    predicted: torch.Tensor, target: torch.Tensor, valid: torch.Tensor
+) -> torch.Tensor:
+    """Mean squared error of predicted log volatility over the ``valid`` entries (fp32; 0 when
+    none is valid, with no data-dependent branch)."""
+    err = (_fp32(predicted) - _fp32(target)).square() * valid
+    return err.sum() / valid.sum().clamp(min=1)
 
-    ``forward(reconstructed, targets, masks, times=None)`` -> ``{'total', 'huber', 'stft',
-    'cross_tf', 'amp_phase'}``, each a scalar fp32 tensor. ``norm_mean``/``norm_std``
+
+class Stage1CombinedLoss(nn.Module):
+    """Weighted sum of the guide's four losses and the optional forecast term (weights from
+    ``config.loss.weights``).
+
+    ``forward(reconstructed, targets, masks, times=None, scale=None, forecast=None)`` ->
+    ``{'total', 'huber', 'stft', 'cross_tf', 'amp_phase', 'forecast'}``, each a scalar fp32
+    tensor. ``norm_mean``/``norm_std``
     (``[n_tf, 6]``, TFNormalizer statistics) let the cross-timeframe loss undo the z-scoring;
     identity when None. ``cross_tf`` is 0 when ``times`` is None.
     """
@@ -319,11 +330,14 @@ class Stage1CombinedLoss(nn.Module):
         masks: torch.Tensor,
         times: torch.Tensor | None = None,
         scale: torch.Tensor | None = None,
+        forecast: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         """reconstructed, targets: ``[B, n_tf, L, 6]``; masks: bool ``[B, n_tf, L]``;
         times: int64 ``[B, n_tf, L]`` bar open times in ns (UTC); scale (optional): the model's
         visible bar scale ``[B, n_tf, L]`` in raw log units (``Stage1Model`` output
-        ``'scale'``)."""
+        ``'scale'``); forecast (optional): ``(predicted, target, valid)`` ``[B, H]``, the
+        model's ``'forecast'`` and the batch's ``future_log_vol``/``future_valid``, scored by
+        the mean squared error over valid entries (0 without)."""
         if reconstructed.shape != targets.shape or masks.shape != targets.shape[:-1]:
             raise ValueError(
                 f"loss inputs: reconstructed {tuple(reconstructed.shape)}, targets "
@@ -343,6 +357,11 @@ class Stage1CombinedLoss(nn.Module):
                 else self.cross_tf(composite, times)
             ),
             "amp_phase": self.amp_phase(composite, targets),
+            "forecast": (
+                reconstructed.new_zeros((), dtype=torch.float32)
+                if forecast is None
+                else forecast_loss(*forecast)
+            ),
         }
         total = torch.stack([self.weights[name] * value for name, value in parts.items()]).sum()
         return {"total": total, **parts}

@@ -33,7 +33,7 @@ from stage1.evaluation.metrics import MetricAccumulator
 from stage1.losses import Stage1CombinedLoss
 from stage1.model.model import Stage1Model
 
-LOSS_PARTS = ("huber", "stft", "cross_tf", "amp_phase")
+LOSS_PARTS = ("huber", "stft", "cross_tf", "amp_phase", "forecast")
 # Validation logs skill against these baselines (hidden bars, as `stage1 evaluate` scores them).
 SKILL_LOGGED = ("bridge", "interp", "last")
 BEST_NAME = "stage1_best"
@@ -139,8 +139,13 @@ class Stage1LightningModule(L.LightningModule):
             )
         output = self.model(batch["features"], masks, batch["times"])
         reconstructed = output["reconstructed"]
+        forecast = None
+        if self.model.forecast_head is not None:
+            # From the FULL window's embedding, the one served to Stage 2 (a second encoder pass).
+            clean = self.model.encode(batch["features"], None, batch["times"])
+            forecast = (self.model.forecast(clean), batch["future_log_vol"], batch["future_valid"])
         losses = self.criterion(
-            reconstructed, batch["targets"], masks, batch["times"], output.get("scale")
+            reconstructed, batch["targets"], masks, batch["times"], output.get("scale"), forecast
         )
         self._record_nonfinite(stage, losses["total"], batch_idx)
         batch_size = int(batch["features"].shape[0])

@@ -23,7 +23,7 @@ from stage1.losses import (
 
 TIMEFRAMES = ["m1", "m5", "m15", "h1"]
 SEQ_LEN = 32
-PARTS = ("huber", "stft", "cross_tf", "amp_phase")
+PARTS = ("huber", "stft", "cross_tf", "amp_phase")  # reconstruction terms
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -125,7 +125,7 @@ def test_every_loss_is_zero_for_a_perfect_prediction(batch: dict[str, torch.Tens
     targets = batch["targets"]
     reconstructed = targets.clone().requires_grad_(True)
     losses = make_loss(batch)(reconstructed, targets, batch["masks"], batch["times"])
-    assert set(losses) == {"total", *PARTS}
+    assert set(losses) == {"total", *PARTS, "forecast"}  # forecast: 0 without a forecast head
     for name, value in losses.items():
         assert value.dtype == torch.float32 and value.ndim == 0, name
         assert abs(value.item()) < 1e-5, f"{name} = {value.item()}"
@@ -137,11 +137,12 @@ def test_every_loss_is_zero_for_a_perfect_prediction(batch: dict[str, torch.Tens
 def test_every_loss_grows_with_the_error(batch: dict[str, torch.Tensor]) -> None:
     targets, criterion = batch["targets"], make_loss(batch)
     noise = noise_like(targets)
-    values = {name: [] for name in ("total", *PARTS)}
+    values = {name: [] for name in ("total", *PARTS, "forecast")}
     for scale in (0.02, 0.1, 0.5, 2.0):
         losses = criterion(targets + scale * noise, targets, batch["masks"], batch["times"])
         for name, value in losses.items():
             values[name].append(value.item())
+    assert values.pop("forecast") == [0.0] * 4  # no forecast given
     for name, series in values.items():
         assert series[0] > 0, f"{name} is zero for a wrong prediction"
         assert all(a < b for a, b in itertools.pairwise(series)), f"{name} does not grow: {series}"
@@ -163,6 +164,7 @@ def test_shipped_default_weights(batch: dict[str, torch.Tensor]) -> None:
         "stft": 0.0,
         "cross_tf": 0.0,
         "amp_phase": 0.0,
+        "forecast": 0.0,
     }
     assert make_loss(batch).huber.delta == 0.01
 

@@ -29,7 +29,7 @@ from stage1.data.instruments import DataDirs, balanced_order, find_instruments, 
 from stage1.data.masking import MaskingStrategy
 from stage1.data.normalization import TFNormalizer
 from stage1.data.sampler import MultiTFWindowSampler, chronological_splits
-from stage1.data.timeframes import NS_PER_MINUTE, tf_ns
+from stage1.data.timeframes import NS_PER_MINUTE, sort_timeframes, tf_ns
 from stage1.errors import ConfigError
 
 SPLITS = ("train", "val", "test", "all")
@@ -41,11 +41,16 @@ Batch = dict[str, torch.Tensor]
 
 
 def embargo_ns(config: ConfigLike) -> int:
-    """Gap between splits: ``data.embargo_minutes`` or the longest timeframe's window span,
-    whichever is larger."""
-    data = as_config(config).data
+    """Gap between splits: the largest of ``data.embargo_minutes``, the longest timeframe's
+    window span and twice the longest forecast horizon (``model.forecast_horizons``, base bars:
+    a train window's labels then never reach into the next split)."""
+    config = as_config(config)
+    data = config.data
     span = max(data.seq_len * tf_ns(tf) for tf in data.timeframes)
-    return max((data.embargo_minutes or 0) * NS_PER_MINUTE, span)
+    horizons = list(config.model.forecast_horizons)
+    base = tf_ns(sort_timeframes(list(data.timeframes))[0])
+    labels = 2 * max(horizons, default=0) * base
+    return max((data.embargo_minutes or 0) * NS_PER_MINUTE, span, labels)
 
 
 def build_sampler(data_dir: DataDirs, config: ConfigLike) -> MultiTFWindowSampler:
@@ -128,7 +133,9 @@ class Stage1Dataset(Dataset[Batch]):
         self.split = split
         self.sampler = sampler
         self.splits = splits
-        self.builder = builder or DeviceBatchBuilder(sampler)
+        self.builder = builder or DeviceBatchBuilder(
+            sampler, horizons=list(config.model.forecast_horizons)
+        )
         self.masking = MaskingStrategy(config.masking, sampler.timeframes, sampler.seq_len)
         self.window_ids: npt.NDArray[np.int64] = (
             np.arange(len(sampler), dtype=np.int64) if split == "all" else splits[split]
@@ -270,6 +277,8 @@ class Stage1DataModule(L.LightningDataModule):
         self.splits: dict[str, np.ndarray] = {}
         self.datasets: dict[str, Stage1Dataset] = {}
         self._builders: dict[torch.device, DeviceBatchBuilder] = {}
+        # Batches carry the forecast labels when the model has a forecast head.
+        self.horizons = [int(h) for h in self.config.model.forecast_horizons]
 
     def setup(self, stage: str | None = None) -> None:
         """Build the sampler, splits, normaliser and datasets (once; later calls are no-ops)."""
@@ -277,7 +286,7 @@ class Stage1DataModule(L.LightningDataModule):
             return
         sampler = build_sampler(self.data_dir, self.config)
         self.splits = build_splits(sampler, self.config)
-        builder = DeviceBatchBuilder(sampler)
+        builder = DeviceBatchBuilder(sampler, horizons=self.horizons)
 
         def dataset(split: str) -> Stage1Dataset:
             return Stage1Dataset(
@@ -301,7 +310,9 @@ class Stage1DataModule(L.LightningDataModule):
             device = torch.device("cuda", torch.cuda.current_device())
         if device not in self._builders:
             assert self.sampler is not None
-            self._builders[device] = DeviceBatchBuilder(self.sampler, self.normalizer, device)
+            self._builders[device] = DeviceBatchBuilder(
+                self.sampler, self.normalizer, device, horizons=self.horizons
+            )
         return self._builders[device]
 
     def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:

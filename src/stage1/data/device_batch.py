@@ -24,12 +24,14 @@ first bar, so a block boundary never enters a window's features.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 
 import numpy as np
 import numpy.typing as npt
 import torch
 
 from stage1.data.features import (
+    CLOSE,
     N_FEATURES,
     OPEN,
     bar_table,
@@ -39,6 +41,8 @@ from stage1.data.features import (
 )
 from stage1.data.normalization import TFNormalizer
 from stage1.data.sampler import MultiTFWindowSampler
+from stage1.data.targets import horizon_rows, horizon_targets
+from stage1.data.timeframes import tf_ns
 
 Batch = dict[str, torch.Tensor]
 
@@ -88,10 +92,19 @@ class DeviceBatchBuilder:
         normalizer: TFNormalizer | None = None,
         device: str | torch.device = "cpu",
         resident: bool | None = None,
+        horizons: Sequence[int] = (),
     ) -> None:
         self.device = torch.device(device)
         self.timeframes = list(sampler.timeframes)
         self.seq_len = int(sampler.seq_len)
+        self.horizons = [int(h) for h in horizons]
+        self.bar_ns = tf_ns(sampler.base_tf)
+        # End of each instrument's base rows, and where its windows start (a window's block).
+        block_end = sampler.block_starts[1:, 0].astype(np.int64)
+        self.block_end = torch.from_numpy(block_end).to(self.device)
+        self.window_starts = torch.from_numpy(
+            np.asarray(sampler.window_starts[1:], dtype=np.int64)
+        ).to(self.device)
         self.resident = self.device.type != "cpu" if resident is None else bool(resident)
         self.sampler = sampler
         self.offsets = torch.arange(self.seq_len - 1, -1, -1, device=self.device)  # old → new
@@ -118,6 +131,30 @@ class DeviceBatchBuilder:
         self.end_rows = (end_rows + self.row_offsets).contiguous()  # [n_windows, n_tf], global
         self.base_end_rows = end_rows[:, 0].contiguous()  # rows of the base timeframe itself
         self.set_normalizer(normalizer)
+
+    def future(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Labels of the forecast objective for windows ``ids`` (``horizons``, see
+        :mod:`stage1.data.targets`): log realised volatility float32 ``[B, H]`` of the next
+        ``h`` base bars after each anchor, and whether it is defined, bool ``[B, H]``."""
+        block = torch.searchsorted(self.window_starts, ids, right=True)
+        row_end = self.block_end[block]
+        if self.resident:
+            end = self.base_end_rows[ids]
+            rows = horizon_rows(end, row_end, max(self.horizons))
+            log_close = _take_rows(self.table[:, CLOSE], rows)  # base rows come first
+            open_ns = _take_rows(self.open_ns, rows)
+        else:
+            end = torch.from_numpy(self.sampler.end_rows[ids.cpu().numpy(), 0].astype(np.int64))
+            rows = horizon_rows(end, row_end.cpu(), max(self.horizons))
+            base_open, base_ohlc = self.sampler.timeframe_bars(0)
+            taken = np.take(base_ohlc[:, CLOSE], rows.numpy())
+            log_close = torch.from_numpy(np.log(taken)).to(self.device)
+            open_ns = torch.from_numpy(np.take(base_open, rows.numpy())).to(self.device)
+            end, row_end = end.to(self.device), row_end.to(self.device)
+        log_vol, _, valid = horizon_targets(
+            log_close, open_ns, row_end - 1 - end, self.horizons, self.bar_ns
+        )
+        return log_vol.float(), valid
 
     def set_normalizer(self, normalizer: TFNormalizer | None) -> None:
         """Use ``normalizer``'s statistics from now on (``None``: raw features)."""
@@ -172,7 +209,9 @@ class DeviceBatchBuilder:
     def batch(self, window_ids: npt.ArrayLike | torch.Tensor) -> Batch:
         """The training batch of ``window_ids`` (see :mod:`stage1.data.dataset`): ``features``
         and ``targets`` float32 ``[B, n_tf, seq_len, 6]``, ``times`` int64 ``[B, n_tf,
-        seq_len]``, ``ref_price`` float64 ``[B]``, ``window_ids`` int64 ``[B]``, on the device."""
+        seq_len]``, ``ref_price`` float64 ``[B]``, ``window_ids`` int64 ``[B]``, on the device;
+        with ``horizons`` also the forecast labels ``future_log_vol``/``future_valid`` ``[B, H]``
+        (:meth:`future`; labels only, never model input)."""
         ids = self._as_ids(window_ids)
         if self.resident:
             rows = self.rows(ids)
@@ -184,10 +223,13 @@ class DeviceBatchBuilder:
             prices, times = self._gathered(ids)
             features = price_window_features(prices, self._stats_for(True))
             ref_price = prices[:, 0, 0, OPEN].contiguous()
-        return {
+        batch = {
             "features": features,
             "targets": features.clone(),
             "times": times,
             "ref_price": ref_price,
             "window_ids": ids,
         }
+        if self.horizons:
+            batch["future_log_vol"], batch["future_valid"] = self.future(ids)
+        return batch

@@ -1,9 +1,10 @@
 """Linear probes: is anything linearly readable from a window's representation about the NEXT
 horizon's realised volatility and return sign?
 
-Pure numpy. Features are standardised with train statistics; ridge regression (closed form) gives
-the volatility R², L2 logistic regression (Newton / IRLS) gives the sign accuracy and AUC. The
-regularisation strength is chosen on the chronologically last part of the train set, then the
+Numpy (the targets' rule, :mod:`stage1.data.targets`, is shared with training). Features are
+standardised with train statistics; ridge regression (closed form) gives the volatility R², L2
+logistic regression (Newton / IRLS) gives the sign accuracy and AUC. The regularisation strength
+is chosen on the chronologically last part of the train set, then the
 probe is refitted on the whole train set and scored once on the evaluated split.
 """
 
@@ -13,11 +14,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import torch
 
 from stage1.data.features import DELTA_CLOSE, HIGH, LOW
+from stage1.data.targets import horizon_rows, horizon_targets
 
 LAMBDAS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)
 VALIDATION_FRAC = 0.2
+TARGET_CHUNK = 65_536  # anchors per gather of their horizon bars (bounded memory)
 
 
 def probe_targets(
@@ -31,30 +35,34 @@ def probe_targets(
     """Next-horizon targets for anchors at base-timeframe rows ``end_rows``.
 
     close, open_ns: the base timeframe's closes and open times (int64 ns), ``[n_rows]``.
-    Targets: log realised volatility ``log sqrt(Σ r²)`` of the ``horizon_bars`` log close
-    returns after the anchor bar, and the sign (1 = up) of their sum. These future bars are
-    labels only; they never enter a window. An anchor is valid when ``horizon_bars`` bars follow
-    it, the last of them opens within ``2 × horizon_bars`` bar durations of the anchor bar (no
-    weekend or data gap swallowed by the horizon) and the realised volatility is positive.
-    ``row_end`` (optional, ``[n]``): the end of each anchor's instrument block in the rows
-    (several instruments share one row space); a horizon must end before it.
+    Targets (:mod:`stage1.data.targets`, the rule the forecast objective trains on too): log
+    realised volatility ``log sqrt(Σ r²)`` of the ``horizon_bars`` log close returns after the
+    anchor bar, and the sign (1 = up) of their sum. These future bars are labels only; they
+    never enter a window. ``row_end`` (optional, ``[n]``): the end of each anchor's instrument
+    block in the rows (several instruments share one row space); a horizon must end before it.
 
     Returns ``(log_vol [n], sign [n] int64, valid [n] bool)``; targets of invalid anchors are 0.
     """
     end_rows = np.asarray(end_rows, dtype=np.int64)
-    open_ns = np.asarray(open_ns, dtype=np.int64)
-    log_close = np.log(np.asarray(close, dtype=np.float64))
-    # Prefix sums give every anchor's horizon sum in O(1), without looping over windows.
-    cum_sq = np.concatenate([[0.0], np.cumsum(np.diff(log_close) ** 2)])
-    horizon_end = end_rows + horizon_bars
-    valid = horizon_end < (log_close.size if row_end is None else np.asarray(row_end))
-    safe_end = np.where(valid, horizon_end, end_rows)
-    valid &= open_ns[safe_end] - open_ns[end_rows] <= 2 * horizon_bars * bar_ns
-    sum_sq = cum_sq[safe_end] - cum_sq[end_rows]
-    valid &= sum_sq > 0
-    log_vol = np.where(valid, 0.5 * np.log(np.where(sum_sq > 0, sum_sq, 1.0)), 0.0)
-    sign = (log_close[safe_end] > log_close[end_rows]) & valid
-    return log_vol, sign.astype(np.int64), valid
+    row_end = np.full_like(end_rows, len(close)) if row_end is None else np.asarray(row_end)
+    log_vol = np.zeros(len(end_rows))
+    sign = np.zeros(len(end_rows), dtype=np.int64)
+    valid = np.zeros(len(end_rows), dtype=bool)
+    for start in range(0, len(end_rows), TARGET_CHUNK):
+        part = slice(start, start + TARGET_CHUNK)
+        ends = torch.from_numpy(end_rows[part])
+        block_end = torch.from_numpy(row_end[part].astype(np.int64))
+        rows = horizon_rows(ends, block_end, horizon_bars).numpy()
+        vol, ret, ok = horizon_targets(
+            torch.from_numpy(np.log(np.take(close, rows).astype(np.float64))),
+            torch.from_numpy(np.take(open_ns, rows).astype(np.int64)),
+            block_end - 1 - ends,
+            [horizon_bars],
+            bar_ns,
+        )
+        log_vol[part], valid[part] = vol[:, 0].numpy(), ok[:, 0].numpy()
+        sign[part] = (ret[:, 0] > 0).numpy()
+    return log_vol, sign, valid
 
 
 def window_summary_features(raw: np.ndarray, normalized: np.ndarray) -> np.ndarray:

@@ -49,7 +49,8 @@ class Stage1Model(nn.Module):
     """Masked multi-timeframe autoencoder.
 
     ``forward(x [B, n_tf, L, 6], masks bool [B, n_tf, L] | None)`` ->
-    ``{'reconstructed': [B, n_tf, L, 6], 'encoded': [B, n_tf, latent_len, d_model]}``.
+    ``{'reconstructed': [B, n_tf, L, 6], 'encoded': [B, n_tf, latent_len, d_model]}``. With
+    ``model.forecast_horizons``, :meth:`forecast` reads a full window's ``encoded``.
     Sizes come from ``config.model`` and ``config.data.{timeframes, seq_len}``. With
     ``window_scale`` the output also holds ``'scale'`` ``[B, n_tf, L]`` (raw log units): per bar,
     the visible bar scale of the timeframe its fill came from, the unit of its correction and of
@@ -63,6 +64,7 @@ class Stage1Model(nn.Module):
     norm_mean: torch.Tensor
     norm_std: torch.Tensor
     tf_durations_ns: torch.Tensor
+    forecast_log_sqrt_h: torch.Tensor
 
     def __init__(self, config: ConfigLike) -> None:
         super().__init__()
@@ -122,6 +124,27 @@ class Stage1Model(nn.Module):
                 float(enc_cfg.dropout),
             )
             for _ in range(self.n_tf)
+        )
+        # Forecast head: the pooled embedding (mean over latent steps, timeframes side by side,
+        # what `encode(pool='mean')` serves) -> log realised volatility of the next h base bars.
+        self.forecast_horizons = [int(h) for h in model_cfg.forecast_horizons]
+        if any(h < 1 for h in self.forecast_horizons):
+            raise ConfigError(
+                f"model.forecast_horizons: base bars, each >= 1, got {self.forecast_horizons}"
+            )
+        self.forecast_head = (
+            nn.Linear(self.n_tf * self.d_model, len(self.forecast_horizons))
+            if self.forecast_horizons
+            else None
+        )
+        if self.forecast_head is not None:  # starts at the typical window's volatility
+            nn.init.zeros_(self.forecast_head.weight)
+            nn.init.zeros_(self.forecast_head.bias)
+        # log sqrt(h): a horizon of h bars of typical move has log vol log(std) + log sqrt(h).
+        self.register_buffer(
+            "forecast_log_sqrt_h",
+            0.5 * torch.log(torch.tensor(self.forecast_horizons or [1], dtype=torch.float32)),
+            persistent=False,
         )
         if self.prior != "none":
             # An untrained model reproduces the prior exactly; training learns the correction.
@@ -243,6 +266,16 @@ class Stage1Model(nn.Module):
         ``encoded [B, n_tf, latent_len, d_model]``. Inference calls this alone (no decoders)."""
         inputs, _ = self._prepare(x, masks, times)
         return self.bottleneck(self.encoder(apply_stems(self.stems, inputs)))
+
+    def forecast(self, encoded: torch.Tensor) -> torch.Tensor:
+        """Predicted log realised volatility of the next ``model.forecast_horizons`` base bars,
+        float32 ``[B, H]``, from ``encoded``'s mean over latent steps (training passes the
+        encoding of the unmasked window: the embedding Stage 2 is served). Relative to a window
+        of typical moves (the train split's std of one base bar's ``delta_close``)."""
+        assert self.forecast_head is not None
+        pooled = encoded.mean(dim=2).flatten(1)
+        typical = torch.log(self.norm_std[0, DELTA_CLOSE])
+        return self.forecast_head(pooled).float() + typical + self.forecast_log_sqrt_h
 
     def forward(
         self, x: torch.Tensor, masks: torch.Tensor | None = None, times: torch.Tensor | None = None

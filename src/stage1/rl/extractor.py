@@ -55,6 +55,13 @@ class Stage1FeaturesExtractor(BaseFeaturesExtractor):
         device: str | None = "cpu",
     ) -> None:
         encoder = Stage1Encoder.from_checkpoint(checkpoint, pool=pool, freeze=freeze, device=device)
+        if encoder.model.time_features:
+            raise ConfigError(
+                f"{checkpoint}: this model was trained with model.time_features=true and needs "
+                "each bar's open time, which SB3's float32 observations cannot carry exactly; "
+                "serve its embeddings through EmbeddingStore (FXTradingEnv's store) or call "
+                "Stage1Encoder(ohlc, times) yourself"
+            )
         keys = list(passthrough_keys)
         if isinstance(observation_space, spaces.Dict):
             if window_key not in observation_space.spaces:

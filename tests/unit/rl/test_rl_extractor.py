@@ -118,3 +118,25 @@ def test_mismatched_observation_space_is_a_clear_error(checkpoint: Path) -> None
     space = spaces.Dict({"market": spaces.Box(-1.0, 1.0, (6, 16, 4), np.float32)})
     with pytest.raises(ConfigError, match=r"passthrough_keys: \['position'\] not in"):
         Stage1FeaturesExtractor(space, checkpoint, passthrough_keys=("position",))
+
+
+def test_a_calendar_model_is_refused_at_construction(
+    tmp_path: Path, synthetic_data_dir: Path, rl_config
+) -> None:
+    """A model with calendar inputs needs bar open times the extractor cannot get: one clear
+    error when the policy is built, not a failure inside the first rollout."""
+    from omegaconf import OmegaConf
+
+    from stage1.checkpoint import export_checkpoint
+    from stage1.data.dataset import Stage1Dataset
+    from stage1.model.model import Stage1Model
+
+    config = OmegaConf.merge(rl_config, {"model": {"time_features": True}})
+    normalizer = Stage1Dataset(synthetic_data_dir, config, "train").normalizer
+    path = export_checkpoint(
+        tmp_path / "calendar.pth", Stage1Model(config).state_dict(), config,
+        normalizer.to_dict(), 0, None,
+    )  # fmt: skip
+    space = spaces.Box(-1.0, 1.0, (6, 16, 4), np.float32)
+    with pytest.raises(ConfigError, match=r"model\.time_features=true .* EmbeddingStore"):
+        Stage1FeaturesExtractor(space, path)

@@ -1,0 +1,58 @@
+"""What comes after a window: the realised volatility and return of the next base bars.
+
+These are LABELS, never inputs: the probe scores a representation against them, and the
+optional forecast objective (``model.forecast_horizons``) trains a head on the pooled embedding
+to predict them. Both read them through :func:`horizon_targets`, one rule for both.
+
+The rule, for an anchor at base row ``e`` and a horizon of ``h`` bars: the ``h`` log close
+returns after the anchor bar, ``r_i = log c[e + i] - log c[e + i - 1]`` for ``i = 1..h``; the
+target is ``log sqrt(Σ r²)`` (log realised volatility) and ``Σ r`` (log return). It is valid
+when those ``h`` bars exist in the anchor's instrument block (``e + h < row_end``), the last of
+them opens within ``2 h`` bar durations of the anchor bar (no weekend or data gap swallowed) and
+the realised volatility is positive.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def horizon_rows(end_rows: torch.Tensor, row_end: torch.Tensor, longest: int) -> torch.Tensor:
+    """Rows ``e .. e + longest`` after each anchor row ``e`` (int64 ``[n, longest + 1]``),
+    clipped to the last row of its block (``row_end - 1``) so every row can be gathered; the
+    clipped ones are never valid in :func:`horizon_targets`."""
+    steps = torch.arange(longest + 1, device=end_rows.device)
+    return torch.minimum(end_rows[:, None] + steps, row_end[:, None] - 1)
+
+
+def horizon_targets(
+    log_close: torch.Tensor,
+    open_ns: torch.Tensor,
+    n_after: torch.Tensor,
+    horizons: Sequence[int],
+    bar_ns: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Targets of each horizon from the bars gathered at :func:`horizon_rows`.
+
+    log_close: float64 ``[n, longest + 1]`` (the anchor bar first); open_ns: int64, the same
+    rows' open times; n_after: ``[n]`` bars that follow the anchor in its block
+    (``row_end - 1 - e``); horizons: bars, each ``1 <= h <= longest``.
+
+    Returns ``(log_vol, log_return, valid)``, each ``[n, len(horizons)]`` (float64, float64,
+    bool); the values of invalid entries are 0.
+    """
+    h = torch.as_tensor(list(horizons), device=log_close.device)
+    if h.numel() == 0 or int(h.min()) < 1 or int(h.max()) >= log_close.shape[1]:
+        raise ValueError(
+            f"horizons {list(horizons)} must lie in 1..{log_close.shape[1] - 1} (rows gathered)"
+        )
+    cum_sq = torch.diff(log_close, dim=1).square().cumsum(dim=1)  # [n, longest]
+    sum_sq = cum_sq[:, h - 1]
+    log_return = log_close[:, h] - log_close[:, :1]
+    gap = open_ns[:, h] - open_ns[:, :1]
+    valid = (h[None, :] <= n_after[:, None]) & (gap <= 2 * h * bar_ns) & (sum_sq > 0)
+    log_vol = 0.5 * torch.log(torch.where(valid, sum_sq, torch.ones_like(sum_sq)))
+    zero = torch.zeros_like(log_vol)
+    return torch.where(valid, log_vol, zero), torch.where(valid, log_return, zero), valid
