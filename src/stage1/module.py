@@ -157,7 +157,9 @@ class Stage1LightningModule(L.LightningModule):
             "on_epoch": True,
             "sync_dist": True,
         }
-        values = {"loss": losses["total"], **{name: losses[name] for name in LOSS_PARTS}}
+        # The forecast term only where there is a forecast head (no flat zero curve otherwise).
+        parts = [p for p in LOSS_PARTS if p != "forecast" or forecast is not None]
+        values = {"loss": losses["total"], **{name: losses[name] for name in parts}}
         for name, value in values.items():
             self.log(f"{stage}/{name}", value, prog_bar=name == "loss", **log_kwargs)
         mae = _hidden_mae_per_tf(reconstructed.detach(), batch["targets"], masks)
