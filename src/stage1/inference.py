@@ -48,9 +48,9 @@ from stage1.data.normalization import TFNormalizer
 from stage1.data.sampler import MultiTFWindowSampler
 from stage1.data.timeframes import sort_timeframes
 from stage1.errors import CheckpointError, ConfigError, DataValidationError
+from stage1.model.model import POOLS, pool_embeddings
 from stage1.utils import atomic_path
 
-POOLS = (None, "mean", "last", "flatten")
 # Windows per model call when batch_size is None. On a CPU small batches keep the activations in
 # cache (bench_encode.py: 128 runs ~1.5x faster than 1024); a GPU wants big ones.
 DEFAULT_BATCH_SIZE = {"cpu": 128, "cuda": 4096}
@@ -60,21 +60,6 @@ PARQUET_ROW_GROUP_BYTES = 32 << 20
 
 TimeLike = str | datetime | np.datetime64 | pd.Timestamp | None
 Embeddings = npt.NDArray[np.float32]
-
-
-def pool_embeddings(encoded: torch.Tensor, pool: str | None) -> torch.Tensor:
-    """``encoded [B, n_tf, latent_len, d_model]`` → unchanged (``None``), ``[B, n_tf * d_model]``
-    (``'mean'`` over latent steps or ``'last'``, the newest latent step; timeframes
-    concatenated) or ``[B, n_tf * latent_len * d_model]`` (``'flatten'``)."""
-    if pool is None:
-        return encoded
-    if pool == "mean":
-        return encoded.mean(dim=2).flatten(1)
-    if pool == "last":
-        return encoded[:, :, -1].flatten(1)
-    if pool == "flatten":
-        return encoded.flatten(1)
-    raise ConfigError(f"pool: {pool!r} is not one of {POOLS}")
 
 
 def to_utc_ns(value: TimeLike, name: str) -> int | None:

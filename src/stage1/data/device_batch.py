@@ -41,7 +41,7 @@ from stage1.data.features import (
 )
 from stage1.data.normalization import TFNormalizer
 from stage1.data.sampler import MultiTFWindowSampler
-from stage1.data.targets import horizon_rows, horizon_targets
+from stage1.data.targets import gathered_targets, horizon_rows, horizon_targets
 from stage1.data.timeframes import tf_ns
 
 Batch = dict[str, torch.Tensor]
@@ -99,12 +99,6 @@ class DeviceBatchBuilder:
         self.seq_len = int(sampler.seq_len)
         self.horizons = [int(h) for h in horizons]
         self.bar_ns = tf_ns(sampler.base_tf)
-        # End of each instrument's base rows, and where its windows start (a window's block).
-        block_end = sampler.block_starts[1:, 0].astype(np.int64)
-        self.block_end = torch.from_numpy(block_end).to(self.device)
-        self.window_starts = torch.from_numpy(
-            np.asarray(sampler.window_starts[1:], dtype=np.int64)
-        ).to(self.device)
         self.resident = self.device.type != "cpu" if resident is None else bool(resident)
         self.sampler = sampler
         self.offsets = torch.arange(self.seq_len - 1, -1, -1, device=self.device)  # old → new
@@ -130,29 +124,34 @@ class DeviceBatchBuilder:
         # Row-major (the sampler's index is column-major): a batch reads whole rows of it.
         self.end_rows = (end_rows + self.row_offsets).contiguous()  # [n_windows, n_tf], global
         self.base_end_rows = end_rows[:, 0].contiguous()  # rows of the base timeframe itself
+        # Where each instrument's windows end, and its base rows (the forecast labels' bound).
+        self.window_ends = _host_tensor(sampler.window_starts[1:]).to(self.device, torch.int64)
+        self.block_end = _host_tensor(sampler.block_starts[1:, 0]).to(self.device, torch.int64)
         self.set_normalizer(normalizer)
 
     def future(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Labels of the forecast objective for windows ``ids`` (``horizons``, see
         :mod:`stage1.data.targets`): log realised volatility float32 ``[B, H]`` of the next
         ``h`` base bars after each anchor, and whether it is defined, bool ``[B, H]``."""
-        block = torch.searchsorted(self.window_starts, ids, right=True)
-        row_end = self.block_end[block]
-        if self.resident:
-            end = self.base_end_rows[ids]
-            rows = horizon_rows(end, row_end, max(self.horizons))
-            log_close = _take_rows(self.table[:, CLOSE], rows)  # base rows come first
-            open_ns = _take_rows(self.open_ns, rows)
-        else:
-            end = torch.from_numpy(self.sampler.end_rows[ids.cpu().numpy(), 0].astype(np.int64))
-            rows = horizon_rows(end, row_end.cpu(), max(self.horizons))
+        if not self.resident:
+            ids_host = ids.cpu().numpy()
             base_open, base_ohlc = self.sampler.timeframe_bars(0)
-            taken = np.take(base_ohlc[:, CLOSE], rows.numpy())
-            log_close = torch.from_numpy(np.log(taken)).to(self.device)
-            open_ns = torch.from_numpy(np.take(base_open, rows.numpy())).to(self.device)
-            end, row_end = end.to(self.device), row_end.to(self.device)
+            end_rows = self.sampler.end_rows[ids_host, 0]
+            block_end = self.sampler.base_block_end(ids_host)
+            log_vol, _, valid = gathered_targets(
+                base_ohlc[:, CLOSE], base_open, end_rows, block_end, self.horizons, self.bar_ns
+            )
+            return log_vol.float().to(self.device), valid.to(self.device)
+        # On the device: the same rule on the resident tables (base rows come first).
+        row_end = self.block_end[torch.searchsorted(self.window_ends, ids, right=True)]
+        end = self.base_end_rows[ids]
+        rows = horizon_rows(end, row_end, max(self.horizons))
         log_vol, _, valid = horizon_targets(
-            log_close, open_ns, row_end - 1 - end, self.horizons, self.bar_ns
+            _take_rows(self.table[:, CLOSE], rows),
+            _take_rows(self.open_ns, rows),
+            row_end - 1 - end,
+            self.horizons,
+            self.bar_ns,
         )
         return log_vol.float(), valid
 

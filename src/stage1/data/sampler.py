@@ -347,6 +347,12 @@ class MultiTFWindowSampler:
         ``block_starts[i, k]`` to ``block_starts[i + 1, k]``."""
         return self._blocks.starts
 
+    def base_block_end(self, window_ids: npt.ArrayLike) -> IntArray:
+        """End (exclusive) of each window's instrument block in the base timeframe's rows: the
+        rows from there on belong to the next instrument (what comes after an anchor stops
+        there)."""
+        return self._blocks.starts[self.instrument_of(window_ids) + 1, 0]
+
     def timeframe_bars(self, k: int) -> tuple[IntArray, FloatArray]:
         """Timeframe ``k``'s bars over all instruments: open times ``[rows]``, OHLC
         ``[rows, 4]`` (memory-mapped when the bars come from the cache)."""

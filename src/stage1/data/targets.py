@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+import numpy.typing as npt
 import torch
 
 
@@ -56,3 +58,24 @@ def horizon_targets(
     log_vol = 0.5 * torch.log(torch.where(valid, sum_sq, torch.ones_like(sum_sq)))
     zero = torch.zeros_like(log_vol)
     return torch.where(valid, log_vol, zero), torch.where(valid, log_return, zero), valid
+
+
+def gathered_targets(
+    close: npt.ArrayLike,
+    open_ns: npt.ArrayLike,
+    end_rows: npt.ArrayLike,
+    row_end: npt.ArrayLike,
+    horizons: Sequence[int],
+    bar_ns: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`horizon_targets` of the anchors at base rows ``end_rows``, their horizon bars
+    gathered from host arrays (the base timeframe's closes and open times ``[rows]``, possibly
+    memory-mapped); ``row_end``: the end of each anchor's instrument block. CPU tensors."""
+    ends = torch.from_numpy(np.asarray(end_rows, dtype=np.int64))
+    block_end = torch.from_numpy(np.asarray(row_end, dtype=np.int64))
+    rows = horizon_rows(ends, block_end, max(horizons)).numpy()
+    log_close = np.log(np.asarray(np.take(close, rows), dtype=np.float64))
+    times = np.asarray(np.take(open_ns, rows), dtype=np.int64)
+    return horizon_targets(
+        torch.from_numpy(log_close), torch.from_numpy(times), block_end - 1 - ends, horizons, bar_ns
+    )

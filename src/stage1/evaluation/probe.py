@@ -14,10 +14,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import torch
 
 from stage1.data.features import DELTA_CLOSE, HIGH, LOW
-from stage1.data.targets import horizon_rows, horizon_targets
+from stage1.data.targets import gathered_targets
 
 LAMBDAS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)
 VALIDATION_FRAC = 0.2
@@ -50,15 +49,8 @@ def probe_targets(
     valid = np.zeros(len(end_rows), dtype=bool)
     for start in range(0, len(end_rows), TARGET_CHUNK):
         part = slice(start, start + TARGET_CHUNK)
-        ends = torch.from_numpy(end_rows[part])
-        block_end = torch.from_numpy(row_end[part].astype(np.int64))
-        rows = horizon_rows(ends, block_end, horizon_bars).numpy()
-        vol, ret, ok = horizon_targets(
-            torch.from_numpy(np.log(np.take(close, rows).astype(np.float64))),
-            torch.from_numpy(np.take(open_ns, rows).astype(np.int64)),
-            block_end - 1 - ends,
-            [horizon_bars],
-            bar_ns,
+        vol, ret, ok = gathered_targets(
+            close, open_ns, end_rows[part], row_end[part], [horizon_bars], bar_ns
         )
         log_vol[part], valid[part] = vol[:, 0].numpy(), ok[:, 0].numpy()
         sign[part] = (ret[:, 0] > 0).numpy()

@@ -216,7 +216,7 @@ def run_probes(
     for name, dataset in (("train", train), ("test", evaluated)):
         sampler = dataset.sampler
         end_rows = sampler.end_rows[dataset.window_ids, 0]
-        row_end = sampler.block_starts[sampler.instrument_of(dataset.window_ids) + 1, 0]
+        row_end = sampler.base_block_end(dataset.window_ids)
         log_vol, sign, valid = probe_targets(
             base_close, base_open_ns, end_rows, horizon, bar_ns, row_end
         )

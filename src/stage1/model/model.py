@@ -43,6 +43,23 @@ N_SCALE_CHANNELS = 2
 # week of each bar's open, and its age (anchor - close) in window lengths of its timeframe.
 N_TIME_CHANNELS = 5
 MINUTES_PER_DAY = 1440
+# How an encoding [B, n_tf, latent_len, d_model] becomes one vector per window (None: unchanged).
+POOLS = (None, "mean", "last", "flatten")
+
+
+def pool_embeddings(encoded: torch.Tensor, pool: str | None) -> torch.Tensor:
+    """``encoded [B, n_tf, latent_len, d_model]`` → unchanged (``None``), ``[B, n_tf * d_model]``
+    (``'mean'`` over latent steps or ``'last'``, the newest latent step; timeframes
+    concatenated) or ``[B, n_tf * latent_len * d_model]`` (``'flatten'``)."""
+    if pool is None:
+        return encoded
+    if pool == "mean":
+        return encoded.mean(dim=2).flatten(1)
+    if pool == "last":
+        return encoded[:, :, -1].flatten(1)
+    if pool == "flatten":
+        return encoded.flatten(1)
+    raise ConfigError(f"pool: {pool!r} is not one of {POOLS}")
 
 
 class Stage1Model(nn.Module):
@@ -273,7 +290,7 @@ class Stage1Model(nn.Module):
         encoding of the unmasked window: the embedding Stage 2 is served). Relative to a window
         of typical moves (the train split's std of one base bar's ``delta_close``)."""
         assert self.forecast_head is not None
-        pooled = encoded.mean(dim=2).flatten(1)
+        pooled = pool_embeddings(encoded, "mean")
         typical = torch.log(self.norm_std[0, DELTA_CLOSE])
         return self.forecast_head(pooled).float() + typical + self.forecast_log_sqrt_h
 
