@@ -134,6 +134,47 @@ def test_sync_hides_the_same_calendar_time(frames, seq_len: int) -> None:
     assert synced[:, 1:].mean() > free[:, 1:].mean()
 
 
+def irregular_times(n: int, seq_len: int, seed: int) -> torch.Tensor:
+    """Open times ``[n, 6, seq_len]`` ending at each window's anchor: half the windows on the
+    aligned grid (coarse bars touch the finer windows' edges exactly), half with gaps of up to
+    three days and coarse bars shifted off the grid (not nested in one another)."""
+    rng = np.random.default_rng(seed)
+    durations = [tf_ns(tf) for tf in TIMEFRAMES]
+    minute = tf_ns("m1")
+    times = np.empty((n, len(TIMEFRAMES), seq_len), dtype=np.int64)
+    for b in range(n):
+        anchor = int(rng.integers(10**4, 10**5)) * durations[-1]
+        irregular = b % 2 == 1
+        for k, d in enumerate(durations):
+            shift = int(rng.integers(0, max(1, d // minute))) * minute if irregular and k else 0
+            close = anchor - shift - (int(rng.integers(0, 3)) * d if irregular else 0)
+            opens = []
+            for _ in range(seq_len):
+                opens.append(close - d)
+                gap = (
+                    int(rng.integers(1, 3 * 1440)) * minute
+                    if irregular and rng.random() < 0.1
+                    else 0
+                )
+                close -= d + gap
+            times[b, k] = opens[::-1]
+    return torch.from_numpy(times)
+
+
+@pytest.mark.parametrize("seq_len", [16, 48])
+def test_sync_is_exact_on_gaps_and_timeframes_that_do_not_nest(seq_len: int) -> None:
+    """The CPU's narrowed search (only the coarse bars that close after a finer window opens)
+    against the brute-force overlap rule, on windows where that bound is tight or loose."""
+    times = irregular_times(120, seq_len, seed=3)
+    masking = strategy(seq_len, "masking.span_min_bars=5", "masking.span_max_bars=60")
+    for seed in range(3):
+        free = masking.generate(times, torch.Generator().manual_seed(seed), sync=False).numpy()
+        synced = masking.generate(times, torch.Generator().manual_seed(seed), sync=True).numpy()
+        required = overlap_required(synced, times.numpy())
+        np.testing.assert_array_equal(synced, free | required)
+        assert (required & ~free).any()  # sync had work to do
+
+
 def test_sync_default_comes_from_the_config(frames) -> None:
     times = window_times(frames, 16, 200)
     synced = strategy(16, "masking.sync_tf=true")

@@ -46,6 +46,10 @@ from stage1.data.timeframes import tf_ns
 
 Batch = dict[str, torch.Tensor]
 
+# Windows per step of a gathered (not resident) batch: ~2.4 MB of float64 prices, so a chunk's
+# passes run in the cache (measured on the 2-core CPU: 128-512 alike, 1 024 at once ~2x slower).
+GATHER_CHUNK = 256
+
 
 def _host_tensor(array: np.ndarray) -> torch.Tensor:
     """A CPU tensor over ``array`` without a copy where possible. A read-only (memory-mapped)
@@ -81,9 +85,11 @@ class DeviceBatchBuilder:
     ``resident`` (default: True on an accelerator, False on the CPU) chooses where the bars
     live. Off, nothing is copied: a batch gathers its windows' prices from the sampler's own
     (possibly memory-mapped) arrays and computes the same per-bar quantities for them only
-    (:func:`~stage1.data.features.price_window_features`, equal to the tables' values). On the
-    CPU that is as fast (each bar's log is taken per window, but no table is read) and keeps
-    memory bounded by the sampler's arrays, which several instruments' memory-mapped bars need.
+    (:func:`~stage1.data.features.price_window_features`, equal to the tables' values), in
+    chunks of ``GATHER_CHUNK`` windows that stay in the cache. On the CPU that is as fast as
+    the tables (each bar's log is taken per window, but a table row is 1.5x a price row to
+    read; measured 12.4 vs 14.0 ms per 1 024 windows, 1 thread) and keeps memory bounded by the
+    sampler's arrays, which several instruments' memory-mapped bars need.
     """
 
     def __init__(
@@ -184,11 +190,37 @@ class DeviceBatchBuilder:
     def _stats_for(self, normalize: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
         return self._stats if normalize and self.normalizer is not None else None
 
-    def _gathered(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prices float64 ``[B, n_tf, L, 4]`` and open times of ``ids`` from the sampler's own
-        arrays (not resident), on the device."""
-        ohlc, times = self.sampler.gather(ids.cpu().numpy())
-        return torch.from_numpy(ohlc).to(self.device), torch.from_numpy(times).to(self.device)
+    def _gathered(
+        self, ids: torch.Tensor, normalize: bool = True, with_times: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Features, open times (``with_times``) and reference prices of ``ids`` from the
+        sampler's own arrays (not resident), on the device.
+
+        Built ``GATHER_CHUNK`` windows at a time: a chunk's prices and intermediates stay in
+        the CPU's cache through every pass over them (a whole batch's do not), about 2x
+        faster there; the values are the same as building the batch in one go."""
+        ids_host = ids.cpu().numpy()
+        n_tf, length = len(self.timeframes), self.seq_len
+        features = torch.empty(len(ids_host), n_tf, length, N_FEATURES)
+        times = torch.empty(len(ids_host), n_tf, length, dtype=torch.int64) if with_times else None
+        ref_price = torch.empty(len(ids_host), dtype=torch.float64)
+        stats = self._stats_for(normalize)
+        if stats is not None:
+            stats = (stats[0].cpu(), stats[1].cpu())
+        for start in range(0, len(ids_host), GATHER_CHUNK):
+            part = slice(start, start + GATHER_CHUNK)
+            ohlc, open_ns = self.sampler.gather(ids_host[part])
+            prices = torch.from_numpy(ohlc)
+            price_window_features(prices, stats, out=features[part])
+            ref_price[part] = prices[:, 0, 0, OPEN]
+            if times is not None:
+                times[part] = torch.from_numpy(open_ns)
+        device = self.device
+        return (
+            features.to(device),
+            None if times is None else times.to(device),
+            ref_price.to(device),
+        )
 
     def features(
         self, window_ids: npt.ArrayLike | torch.Tensor, normalize: bool = True
@@ -196,8 +228,7 @@ class DeviceBatchBuilder:
         """Features float32 ``[B, n_tf, seq_len, 6]``: z-scores, or raw with ``normalize=False``
         (the normaliser's fit) or without a normaliser."""
         if not self.resident:
-            prices, _ = self._gathered(self._as_ids(window_ids))
-            return price_window_features(prices, self._stats_for(normalize))
+            return self._gathered(self._as_ids(window_ids), normalize, with_times=False)[0]
         return self._features(self.rows(window_ids), normalize)
 
     def _features(self, rows: torch.Tensor, normalize: bool = True) -> torch.Tensor:
@@ -219,9 +250,9 @@ class DeviceBatchBuilder:
             first_base_row = self.base_end_rows[ids] - (self.seq_len - 1)
             ref_price = _take_rows(self.base_open, first_base_row)
         else:
-            prices, times = self._gathered(ids)
-            features = price_window_features(prices, self._stats_for(True))
-            ref_price = prices[:, 0, 0, OPEN].contiguous()
+            features, gathered_times, ref_price = self._gathered(ids)
+            assert gathered_times is not None
+            times = gathered_times
         batch = {
             "features": features,
             "targets": features.clone(),

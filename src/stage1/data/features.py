@@ -29,46 +29,66 @@ N_FEATURES = len(FEATURE_NAMES)
 OHLC_COLUMNS = FEATURE_NAMES[:4]
 
 
+def _log(x: torch.Tensor) -> torch.Tensor:
+    """``log`` of a float64 tensor; on the CPU through NumPy, whose vectorised ``log`` is about
+    2.5x faster than torch's there (the results differ by at most an ulp of float64)."""
+    if x.device.type == "cpu":
+        return torch.from_numpy(np.log(x.detach().numpy()))
+    return x.log()
+
+
+def _body_ratio(ohlc: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``(close - open) / (high - low)``: a flat bar (high == low) has open == close, and the
+    floored range makes its ratio 0."""
+    bar_range = (ohlc[..., HIGH] - ohlc[..., LOW]).clamp_min_(torch.finfo(torch.float64).tiny)
+    return torch.div(ohlc[..., CLOSE] - ohlc[..., OPEN], bar_range, out=out)
+
+
 def bar_table(ohlc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-bar float64 table ``[rows, 6]`` (log open/high/low/close, delta_close, body_ratio)
     and ``log(close / open)`` ``[rows]``, from float64 prices ``[rows, 4]`` on any device.
 
     ``delta_close`` of a row is ``log(close) - log(previous row's close)`` (row 0: its own
     ``log(close / open)``); windows replace their first bar's with ``log(close / open)``."""
-    log_p = ohlc.log()
+    table = torch.empty(len(ohlc), N_FEATURES, dtype=torch.float64, device=ohlc.device)
+    log_p = _log(ohlc)
+    table[:, : CLOSE + 1] = log_p
     intrabar = log_p[:, CLOSE] - log_p[:, OPEN]
-    delta = torch.empty_like(intrabar)
-    delta[1:] = log_p[1:, CLOSE] - log_p[:-1, CLOSE]
-    delta[:1] = intrabar[:1]
-    # A flat bar (high == low) has open == close: the floored range makes its ratio 0.
-    bar_range = (ohlc[:, HIGH] - ohlc[:, LOW]).clamp_min(torch.finfo(torch.float64).tiny)
-    body = (ohlc[:, CLOSE] - ohlc[:, OPEN]) / bar_range
-    return torch.cat([log_p, delta[:, None], body[:, None]], dim=1), intrabar
+    torch.sub(log_p[1:, CLOSE], log_p[:-1, CLOSE], out=table[1:, DELTA_CLOSE])
+    table[:1, DELTA_CLOSE] = intrabar[:1]
+    _body_ratio(ohlc, out=table[:, BODY_RATIO])
+    return table, intrabar
 
 
 def window_features(
     bars: torch.Tensor,
     first_intrabar: torch.Tensor,
     stats: tuple[torch.Tensor, torch.Tensor] | None = None,
+    relative: bool = False,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Features of windows from their bars' :func:`bar_table` rows (overwritten in place).
 
-    bars: float64 ``[B, n_tf, L, 6]``; first_intrabar: float64 ``[B, n_tf]``, ``log(close /
-    open)`` of each timeframe's first bar; stats: float64 ``(mean, 1 / std)``, each
-    ``[n_tf, 1, 6]``, or ``None`` for raw features. Returns float32 ``[B, n_tf, L, 6]``: the
-    price features ``log p - log ref`` (a difference of float64 logs, exact even for nearby
-    prices), z-scored in float64 and rounded to float32 once.
+    bars: float64 ``[B, n_tf, L, 6]``, contiguous; first_intrabar: float64 ``[B, n_tf]``,
+    ``log(close / open)`` of each timeframe's first bar; stats: float64 ``(mean, 1 / std)``,
+    each ``[n_tf, 1, 6]``, or ``None`` for raw features; ``relative``: the price columns
+    already hold ``log p - log ref``. Returns float32 ``[B, n_tf, L, 6]``: the price features
+    ``log p - log ref`` (a difference of float64 logs, exact even for nearby prices),
+    z-scored in float64 and rounded to float32 once (into ``out`` when given).
     """
     bars[:, :, 0, DELTA_CLOSE] = first_intrabar
-    # One pass subtracts the base timeframe's oldest log open from the price columns and the
-    # mean from all: shift [B, 1, 1, 6] (+ mean [n_tf, 1, 6]).
-    shift = torch.zeros(len(bars), 1, 1, N_FEATURES, dtype=bars.dtype, device=bars.device)
-    shift[..., : CLOSE + 1] = bars[:, :1, :1, OPEN : OPEN + 1]
-    out = torch.empty(bars.shape, dtype=torch.float32, device=bars.device)
-    if stats is None:
-        return out.copy_(bars.sub_(shift))
-    mean, inv_std = stats
-    return torch.mul(bars.sub_(shift + mean), inv_std, out=out)
+    if not relative:
+        bars[..., : CLOSE + 1] -= bars[:, :1, :1, OPEN : OPEN + 1].clone()
+    if stats is not None:
+        # z = x / std - mean / std in one pass, with per (timeframe, position, feature)
+        # statistics: contiguous with the bars' last three dims, so the pass runs vectorised
+        # (a [n_tf, 1, 6] broadcast would run 6 elements at a time).
+        mean, inv_std = stats
+        length = bars.shape[2]
+        inv_full = inv_std.expand(-1, length, -1).contiguous()
+        shift = (-mean * inv_std).expand(-1, length, -1).contiguous()
+        torch.addcmul(shift, bars, inv_full, out=bars)
+    return bars.float() if out is None else out.copy_(bars)
 
 
 def float64_stats(
@@ -101,18 +121,27 @@ def numpy_reference_features(ohlc: np.ndarray) -> torch.Tensor:
 
 
 def price_window_features(
-    prices: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor] | None = None
+    prices: torch.Tensor,
+    stats: tuple[torch.Tensor, torch.Tensor] | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Features float32 ``[..., n_tf, L, 6]`` of float64 price windows ``[..., n_tf, L, 4]``:
-    the per-bar table of every gathered bar, then :func:`window_features` (z-scores with
+    the :func:`bar_table` values of every bar, then :func:`window_features` (z-scores with
     ``stats`` from :func:`float64_stats`, else raw). The same values as gathering rows of the
     whole series' table (every per-bar quantity is elementwise; the one cross-bar value, a
-    window's first ``delta_close``, is replaced by its intrabar move either way)."""
+    window's first ``delta_close``, is its intrabar move either way). ``out``: a float32
+    ``[B, n_tf, L, 6]`` tensor to write into."""
     windows = prices.reshape(-1, *prices.shape[-3:])  # [B, n_tf, L, 4]
-    table, intrabar = bar_table(windows.reshape(-1, 4))
-    bars = table.view(*windows.shape[:-1], N_FEATURES)
-    first_intrabar = intrabar.view(windows.shape[:-1])[..., 0]
-    return window_features(bars, first_intrabar, stats).view(*prices.shape[:-1], N_FEATURES)
+    log_p = _log(windows)
+    close = log_p[..., CLOSE]
+    bars = torch.empty(*windows.shape[:-1], N_FEATURES, dtype=torch.float64, device=prices.device)
+    torch.sub(close[..., 1:], close[..., :-1], out=bars[..., 1:, DELTA_CLOSE])
+    first_intrabar = close[..., 0] - log_p[..., 0, OPEN]
+    # log p - log ref here, on contiguous values (the same elementwise result as in the bars)
+    bars[..., : CLOSE + 1] = log_p.sub_(log_p[:, :1, :1, OPEN : OPEN + 1].clone())
+    _body_ratio(windows, out=bars[..., BODY_RATIO])
+    features = window_features(bars, first_intrabar, stats, relative=True, out=out)
+    return features.view(*prices.shape[:-1], N_FEATURES)
 
 
 class FeatureEngineer:

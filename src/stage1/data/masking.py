@@ -168,21 +168,38 @@ class MaskingStrategy:
         return masks
 
     def _sync(self, masks: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
-        """Hide every coarser bar that overlaps a hidden finer bar (bars are [open, open + d))."""
+        """Hide every coarser bar that overlaps a hidden finer bar (bars are [open, open + d)).
+
+        A coarse bar can only overlap a finer window's bars if it closes after that window's
+        oldest open; windows end at one anchor, so those are each coarse window's newest bars.
+        On the CPU only the newest positions that this holds for in some window of the batch
+        are searched (where they start is read back, free there): about a fifth of the work
+        for the usual timeframes, and the same result, since older positions overlap no finer
+        bar. Other devices search every position (a read-back would wait on their queue).
+        """
         masks = masks.clone()
+        length = masks.shape[-1]
+        on_cpu = masks.device.type == "cpu"
         zero = torch.zeros(masks.shape[0], 1, dtype=torch.long, device=masks.device)
         # hidden_before[k][:, i]: hidden bars of timeframe k before position i (final masks).
         hidden_before = [torch.cat([zero, masks[:, 0].long().cumsum(-1)], -1)]
-        fine_open = [times[:, k].contiguous() for k in range(times.shape[1])]
+        opens = [times[:, k].contiguous() for k in range(times.shape[1])]
         for j in range(1, masks.shape[1]):
+            d_j = self.tf_durations_ns[j]
             for k in range(j):
+                d_k = self.tf_durations_ns[k]
+                coarse, start = opens[j], 0
+                if on_cpu:  # the oldest position whose bar closes after some fine window opens
+                    reach = opens[k][:, :1] - d_j
+                    start = int(torch.searchsorted(coarse, reach, right=True).min())
+                    if start == length:
+                        continue
+                    coarse = coarse[:, start:].contiguous()
                 # Fine bars overlapping the coarse bar [o, o + d_j): open in (o - d_k, o + d_j).
-                lo = torch.searchsorted(
-                    fine_open[k], fine_open[j] - self.tf_durations_ns[k], right=True
-                )
-                hi = torch.searchsorted(fine_open[k], fine_open[j] + self.tf_durations_ns[j])
+                lo = torch.searchsorted(opens[k], coarse - d_k, right=True)
+                hi = torch.searchsorted(opens[k], coarse + d_j)
                 counts = hidden_before[k].gather(-1, hi) - hidden_before[k].gather(-1, lo)
-                masks[:, j] |= counts > 0
+                masks[:, j, start:] |= counts > 0
             hidden_before.append(torch.cat([zero, masks[:, j].long().cumsum(-1)], -1))
         return masks
 
