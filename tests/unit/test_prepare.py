@@ -14,8 +14,9 @@ import pytest
 from stage1.cli import main
 from stage1.data.instruments import guess_instrument
 from stage1.data.io import OHLC, file_sha256, load_tf_data, write_bars
-from stage1.data.prepare import prepare, weekly_open_report
+from stage1.data.prepare import prepare
 from stage1.data.synthetic import generate_m1
+from stage1.data.weekly_open import weekly_open_report
 from stage1.errors import DataValidationError, Stage1Error
 
 NEW_YORK = "America/New_York"
