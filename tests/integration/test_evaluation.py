@@ -18,7 +18,7 @@ from stage1.config import load_config
 from stage1.data.dataset import Stage1Dataset
 from stage1.data.io import OHLC, load_tf_data, write_bars
 from stage1.data.normalization import TFNormalizer
-from stage1.evaluation.metrics import leak_alarms
+from stage1.evaluation.alarms import leak_alarms
 from stage1.evaluation.runner import reconstruct_split
 from stage1.model.model import Stage1Model
 

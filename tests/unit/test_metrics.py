@@ -11,23 +11,25 @@ from test_baselines import features_from_ohlc, random_bars
 
 from stage1.data.features import CLOSE, FEATURE_NAMES
 from stage1.data.timeframes import NS_PER_MINUTE
+from stage1.evaluation.alarms import leak_alarms
 from stage1.evaluation.baselines import all_baselines
-from stage1.evaluation.metrics import (
-    MetricAccumulator,
+from stage1.evaluation.measures import (
     consistency_counts,
-    count_spans,
-    find_spans,
-    freshest_visible_close,
     gain_t,
-    leak_alarms,
     log_spectrum_error,
     mae_on_hidden,
-    mean_over_timeframes,
     pearson,
     pearson_from_sums,
     pearson_sums,
-    pip_size,
     skill,
+)
+from stage1.evaluation.metrics import (
+    MetricAccumulator,
+    count_spans,
+    find_spans,
+    freshest_visible_close,
+    mean_over_timeframes,
+    pip_size,
     span_class_masks,
 )
 from stage1.evaluation.probe import (

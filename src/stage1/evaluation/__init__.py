@@ -4,7 +4,9 @@ leak alarms and a one-page report (``stage1 evaluate``).
 * :mod:`stage1.evaluation.baselines`: ``last``, ``interp`` and ``bridge`` guesses for hidden bars.
 * :mod:`stage1.evaluation.agg`: ``agg``, hidden coarse bars rebuilt from the visible finer bars.
 * :mod:`stage1.evaluation.spans`: hidden spans; interior / right-edge and covered / uncovered.
-* :mod:`stage1.evaluation.metrics`: MAE, skill, correlation, consistency, spectrum, alarms.
+* :mod:`stage1.evaluation.measures`: MAE, skill, correlation, consistency, spectrum on arrays.
+* :mod:`stage1.evaluation.metrics`: ``MetricAccumulator``, every window's metrics per timeframe.
+* :mod:`stage1.evaluation.alarms`: the leak alarms and their thresholds.
 * :mod:`stage1.evaluation.probe`: ridge / logistic probes on pooled window features.
 * :mod:`stage1.evaluation.report`: PNG plots and the self-contained ``report.html``.
 * :mod:`stage1.evaluation.runner`: the pipeline behind ``stage1 evaluate``.

@@ -19,11 +19,13 @@ Conventions (also written into the metrics JSON under ``definitions``):
   :func:`span_class_masks`); every other hidden bar is ``interior``. On every coarser timeframe
   the hidden bars are also split into ``covered`` (a visible finer bar inside the bar's period)
   and ``uncovered`` (:func:`coverage_class_masks`); the base timeframe has no such blocks.
+
+The array-level measures live in :mod:`stage1.evaluation.measures`, the leak alarms in
+:mod:`stage1.evaluation.alarms`; the names the documentation lists here are re-exported.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -31,13 +33,19 @@ import numpy as np
 
 from stage1.data.features import CLOSE, DELTA_CLOSE, FEATURE_NAMES, N_FEATURES
 from stage1.data.instruments import pip_size as pip_size  # the pip rule, re-exported
-from stage1.data.timeframes import tf_ns
 from stage1.evaluation.agg import baseline_agg
+from stage1.evaluation.alarms import leak_alarms as leak_alarms
 from stage1.evaluation.baselines import (
     BASELINE_NAMES,
     PRICE_FEATURES,
     all_baselines,
 )
+from stage1.evaluation.measures import consistency_counts as consistency_counts
+from stage1.evaluation.measures import gain_t, pearson_from_sums, pearson_sums
+from stage1.evaluation.measures import log_spectrum_error as log_spectrum_error
+from stage1.evaluation.measures import mae_on_hidden as mae_on_hidden
+from stage1.evaluation.measures import pearson as pearson
+from stage1.evaluation.measures import skill as skill
 from stage1.evaluation.spans import COVERAGE_CLASSES as COVERAGE_CLASSES
 from stage1.evaluation.spans import SPAN_CLASSES as SPAN_CLASSES
 from stage1.evaluation.spans import count_spans as count_spans
@@ -51,103 +59,6 @@ SOURCES = ("model", *BASELINE_NAMES)
 # timeframes also covered + uncovered).
 CLASSES = (*SPAN_CLASSES, *COVERAGE_CLASSES)
 CONSISTENCY_TOLERANCE_STD = 0.25
-RIGHT_EDGE_SKILL_ALARM = 0.01
-RIGHT_EDGE_T_ALARM = 3.0
-T_CAP = 1e6
-SIGN_AUC_ALARM = 0.55
-
-
-def mae_on_hidden(pred: np.ndarray, truth: np.ndarray, masks: np.ndarray) -> np.ndarray:
-    """Per-feature MAE over hidden positions; NaN where nothing is hidden.
-
-    pred, truth: ``[..., L, F]``; masks: bool ``[..., L]``. Returns ``[F]``.
-    """
-    n_hidden = int(masks.sum())
-    if n_hidden == 0:
-        return np.full(pred.shape[-1], np.nan)
-    return np.abs(pred - truth)[masks].sum(axis=0) / n_hidden
-
-
-def skill(mae_model: float | np.ndarray, mae_baseline: float | np.ndarray) -> Any:
-    """``1 - mae_model / mae_baseline``: 1 = perfect, 0 = as good as the baseline, < 0 worse.
-
-    NaN where the baseline's error is 0 or undefined (nothing to beat)."""
-    model = np.asarray(mae_model, dtype=np.float64)
-    base = np.asarray(mae_baseline, dtype=np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        out = np.where(base > 0, 1.0 - model / base, np.nan)
-    return out if out.ndim else float(out)
-
-
-def pearson(x: np.ndarray, y: np.ndarray) -> float:
-    """Pearson correlation of two 1-D arrays; NaN if either is constant or they are empty."""
-    sums = pearson_sums(x, y)
-    return pearson_from_sums(sums)
-
-
-def pearson_sums(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Sufficient statistics ``[n, Σx, Σy, Σx², Σy², Σxy]`` (float64), summable over batches."""
-    x = np.asarray(x, dtype=np.float64).ravel()
-    y = np.asarray(y, dtype=np.float64).ravel()
-    return np.array([x.size, x.sum(), y.sum(), x @ x, y @ y, x @ y])
-
-
-def pearson_from_sums(sums: np.ndarray) -> float:
-    """Pearson correlation from :func:`pearson_sums`."""
-    n, sx, sy, sxx, syy, sxy = sums
-    if n < 2:
-        return math.nan
-    cov = sxy - sx * sy / n
-    var_x, var_y = sxx - sx * sx / n, syy - sy * sy / n
-    if var_x <= 0 or var_y <= 0:
-        return math.nan
-    return float(cov / math.sqrt(var_x * var_y))
-
-
-def log_spectrum_error(composite_close: np.ndarray, true_close: np.ndarray) -> np.ndarray:
-    """Per row: mean over frequencies of ``|log10 P_hat - log10 P|``, where ``P`` is the power
-    spectrum of the close's first differences (log returns) and ``P_hat`` that of the composite
-    series (truth where visible, reconstruction where hidden). The zero frequency is skipped; a
-    floor of 1e-6 × the mean true power keeps flat series finite.
-
-    composite_close, true_close: ``[N, L]``. Returns ``[N]``.
-    """
-    power_hat = np.abs(np.fft.rfft(np.diff(composite_close, axis=1), axis=1))[:, 1:] ** 2
-    power = np.abs(np.fft.rfft(np.diff(true_close, axis=1), axis=1))[:, 1:] ** 2
-    floor = 1e-6 * power.mean(axis=1, keepdims=True) + 1e-30
-    return np.abs(np.log10(power_hat + floor) - np.log10(power + floor)).mean(axis=1)
-
-
-def consistency_counts(
-    base_close: np.ndarray,
-    base_times: np.ndarray,
-    base_tf: str,
-    tf_close: np.ndarray,
-    tf_times: np.ndarray,
-    tf_masks: np.ndarray,
-    tf: str,
-    tolerance: float,
-) -> tuple[int, int]:
-    """Cross-timeframe consistency of a reconstruction: ``(n_agree, n_checked)``.
-
-    A hidden bar of the higher timeframe ``tf`` is checked when the base window covers its whole
-    interval ``[open, open + duration)``; the aggregated base close is the (composite) close of
-    the last base bar inside that interval. It agrees when ``|close_tf - close_agg| <= tolerance``
-    (raw log units).
-
-    base_close, base_times: ``[N, L]`` (composite close, open times in int64 ns);
-    tf_close, tf_times, tf_masks: ``[N, L]`` for the higher timeframe.
-    """
-    tf_end = tf_times + tf_ns(tf)
-    covered = (base_times[:, :1] <= tf_times) & (base_times[:, -1:] + tf_ns(base_tf) >= tf_end)
-    # Row of the last base bar opened before the higher bar's end: [N, L_tf].
-    last_inside = (base_times[:, None, :] < tf_end[:, :, None]).sum(axis=2) - 1
-    last_inside = np.clip(last_inside, 0, base_times.shape[1] - 1)
-    inside = np.take_along_axis(base_times, last_inside, axis=1) >= tf_times
-    checked = tf_masks & covered & inside
-    aggregated = np.take_along_axis(base_close, last_inside, axis=1)
-    agree = checked & (np.abs(tf_close - aggregated) <= tolerance)
-    return int(agree.sum()), int(checked.sum())
 
 
 def _finite_or_none(value: float) -> float | None:
@@ -370,54 +281,3 @@ def mean_over_timeframes(per_tf: Mapping[str, Mapping[str, Any]]) -> dict[str, A
             continue
         out[key] = int(sum(numbers)) if key.startswith("n_") else float(np.mean(numbers))
     return out
-
-
-def gain_t(sums: np.ndarray) -> float:
-    """t statistic of the mean per-bar gain from ``[count, sum, sum of squares]``; NaN below two
-    bars (too few to judge), capped at +-1e6 (a constant gain has no spread)."""
-    n, total, squares = (float(v) for v in sums)
-    if n < 2:
-        return math.nan
-    mean = total / n
-    var = max(squares / n - mean * mean, 0.0) * n / (n - 1)
-    if var == 0.0:
-        return math.copysign(T_CAP, mean) if mean else 0.0
-    return max(-T_CAP, min(T_CAP, mean / math.sqrt(var / n)))
-
-
-def leak_alarms(per_tf: Mapping[str, Mapping[str, Any]], probe: Mapping[str, Any]) -> list[str]:
-    """Leak warnings, empty when clean (SPEC §6).
-
-    * close skill on right-edge bars above 1 % on any timeframe, against the last known price
-      (:func:`freshest_visible_close`), with a per-bar gain whose t statistic is at least
-      ``RIGHT_EDGE_T_ALARM`` (3): nothing after them is visible, so their close is a martingale
-      step from that price and beating it means the model saw what it should not. The t test
-      keeps a handful of bars (a coarse timeframe has a few dozen right-edge bars in thousands
-      of windows) from alarming on noise; a model that peeks beats the price on every bar
-      (t in the tens or infinite).
-      On the base timeframe that price is the ``last`` baseline of SPEC §6; a coarse timeframe's
-      own last bar can be hours older than a visible finer bar, so its naive baselines are no
-      yardstick here (a model reading the finer bars beats them honestly);
-    * a sign probe AUC above 0.55: the sign of the next return is nearly unpredictable, so this
-      points to future information in the window features.
-    """
-    alarms = []
-    for tf, entry in per_tf.items():
-        right_edge = entry.get("right_edge", {})
-        value, t_stat = right_edge.get("close_skill_fresh"), right_edge.get("close_skill_fresh_t")
-        significant = t_stat is not None and t_stat >= RIGHT_EDGE_T_ALARM  # None: < 2 bars
-        if value is not None and value > RIGHT_EDGE_SKILL_ALARM and significant:
-            alarms.append(
-                f"{tf}: close skill on right-edge bars is {value:+.3f} > "
-                f"{RIGHT_EDGE_SKILL_ALARM:.2f} against the last known price (t = {t_stat:.1f}, "
-                f"{right_edge.get('n_hidden_bars')} bars); nothing after them is visible, so "
-                "their close should be unpredictable beyond it - check for leakage"
-            )
-    for kind, scores in probe.items():
-        auc = scores.get("sign_auc") if isinstance(scores, Mapping) else None
-        if auc is not None and auc > SIGN_AUC_ALARM:
-            alarms.append(
-                f"probe.{kind}: sign AUC is {auc:.3f} > {SIGN_AUC_ALARM:.2f}; the next return's "
-                "sign is nearly unpredictable - check for future bars in the window features"
-            )
-    return alarms

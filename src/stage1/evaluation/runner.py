@@ -32,15 +32,13 @@ from stage1.data.normalization import TFNormalizer
 from stage1.data.sampler import MultiTFWindowSampler
 from stage1.data.timeframes import tf_ns
 from stage1.errors import ConfigError, DataValidationError
-from stage1.evaluation.metrics import (
-    CONSISTENCY_TOLERANCE_STD,
+from stage1.evaluation.alarms import (
     RIGHT_EDGE_SKILL_ALARM,
     RIGHT_EDGE_T_ALARM,
     SIGN_AUC_ALARM,
-    MetricAccumulator,
     leak_alarms,
-    pip_size,
 )
+from stage1.evaluation.metrics import CONSISTENCY_TOLERANCE_STD, MetricAccumulator, pip_size
 from stage1.evaluation.probe import probe_targets, run_probe, window_summary_features
 from stage1.evaluation.report import PROBE_KINDS, PlotSamples, write_report
 from stage1.inference import pool_embeddings
