@@ -19,7 +19,7 @@ from stage1.data.dataset import Stage1Dataset
 from stage1.data.io import OHLC, load_tf_data, write_bars
 from stage1.data.normalization import TFNormalizer
 from stage1.evaluation.alarms import leak_alarms
-from stage1.evaluation.runner import reconstruct_split
+from stage1.evaluation.passes import reconstruct_split
 from stage1.model.model import Stage1Model
 
 # configs/test.yaml, shrunk further so a whole evaluation takes seconds on 2 CPU cores. The

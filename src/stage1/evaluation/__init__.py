@@ -9,6 +9,8 @@ leak alarms and a one-page report (``stage1 evaluate``).
 * :mod:`stage1.evaluation.alarms`: the leak alarms and their thresholds.
 * :mod:`stage1.evaluation.probe`: ridge / logistic probes on pooled window features.
 * :mod:`stage1.evaluation.report`: PNG plots and the self-contained ``report.html``.
+* :mod:`stage1.evaluation.passes`: the reconstruction and probe passes over a split.
+* :mod:`stage1.evaluation.definitions`: what each number of the metrics JSON means.
 * :mod:`stage1.evaluation.runner`: the pipeline behind ``stage1 evaluate``.
 """
 
