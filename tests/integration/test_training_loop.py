@@ -21,6 +21,7 @@ from stage1.checkpoint import load_checkpoint
 from stage1.cli import main
 from stage1.config import load_config
 from stage1.data.dataset import Stage1DataModule, Stage1Dataset
+from stage1.data.masking import MaskingStrategy
 from stage1.data.normalization import TFNormalizer
 from stage1.errors import TrainingDivergedError
 from stage1.module import Stage1LightningModule, one_cycle_pct_start
@@ -306,6 +307,9 @@ def test_training_step_reads_nothing_back_from_the_device(
 
     def refuse(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         raise AssertionError("training_step read a tensor back to the host")
+
+    # The masks' CPU-only shortcut reads a count back (free there); run their accelerator path.
+    monkeypatch.setattr(MaskingStrategy, "read_back_devices", ())
 
     for name in ("item", "cpu", "tolist", "numpy", "__bool__", "__float__", "__int__"):
         monkeypatch.setattr(torch.Tensor, name, refuse)

@@ -175,6 +175,20 @@ def test_sync_is_exact_on_gaps_and_timeframes_that_do_not_nest(seq_len: int) -> 
         assert (required & ~free).any()  # sync had work to do
 
 
+def test_narrowed_and_full_sync_search_agree(frames, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CPU's narrowed search and the every-position search accelerators run (no count
+    read back) hide the same bars, on real-looking and on gapped, non-nested windows."""
+    masking = strategy(48, "masking.span_min_bars=5", "masking.span_max_bars=60")
+    for times in (window_times(frames, 48, 300), irregular_times(120, 48, seed=5)):
+        free = masking.generate(times, torch.Generator().manual_seed(1), sync=False)
+        narrowed = masking._sync(free, times)
+        with monkeypatch.context() as patch:
+            patch.setattr(MaskingStrategy, "read_back_devices", ())
+            full = masking._sync(free, times)
+        assert torch.equal(narrowed, full)
+        assert not torch.equal(narrowed, free)
+
+
 def test_sync_default_comes_from_the_config(frames) -> None:
     times = window_times(frames, 16, 200)
     synced = strategy(16, "masking.sync_tf=true")

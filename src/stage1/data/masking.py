@@ -81,6 +81,10 @@ class MaskingStrategy:
         ]
         self._device_constants: dict[torch.device, tuple[torch.Tensor, ...]] = {}
 
+    # Device types on which ``_sync`` reads a count back to the host to narrow its search: free
+    # on the CPU; on an accelerator it would wait for the queue at every batch.
+    read_back_devices: tuple[str, ...] = ("cpu",)
+
     def _constants(self, device: torch.device) -> tuple[torch.Tensor, ...]:
         """``first_maskable``, ``max_hidden`` and ``span_scale`` on ``device``, made once: a
         copy from a host list to a GPU would wait for the GPU's queue at every batch."""
@@ -172,14 +176,14 @@ class MaskingStrategy:
 
         A coarse bar can only overlap a finer window's bars if it closes after that window's
         oldest open; windows end at one anchor, so those are each coarse window's newest bars.
-        On the CPU only the newest positions that this holds for in some window of the batch
-        are searched (where they start is read back, free there): about a fifth of the work
-        for the usual timeframes, and the same result, since older positions overlap no finer
-        bar. Other devices search every position (a read-back would wait on their queue).
+        On the CPU (``read_back_devices``) only the newest positions that this holds for in
+        some window of the batch are searched (where they start is read back, free there):
+        about a fifth of the work for the usual timeframes, and the same result, since older
+        positions overlap no finer bar. Other devices search every position.
         """
         masks = masks.clone()
         length = masks.shape[-1]
-        on_cpu = masks.device.type == "cpu"
+        narrow = masks.device.type in self.read_back_devices
         zero = torch.zeros(masks.shape[0], 1, dtype=torch.long, device=masks.device)
         # hidden_before[k][:, i]: hidden bars of timeframe k before position i (final masks).
         hidden_before = [torch.cat([zero, masks[:, 0].long().cumsum(-1)], -1)]
@@ -189,7 +193,7 @@ class MaskingStrategy:
             for k in range(j):
                 d_k = self.tf_durations_ns[k]
                 coarse, start = opens[j], 0
-                if on_cpu:  # the oldest position whose bar closes after some fine window opens
+                if narrow:  # the oldest position whose bar closes after some fine window opens
                     reach = opens[k][:, :1] - d_j
                     start = int(torch.searchsorted(coarse, reach, right=True).min())
                     if start == length:
