@@ -11,12 +11,8 @@ import pandas as pd
 import pytest
 
 from stage1.data.io import aggregate_bars, load_tf_data
-from stage1.data.sampler import (
-    OHLC_COLUMNS,
-    MultiTFWindowSampler,
-    _assert_no_shared_bars,
-    chronological_splits,
-)
+from stage1.data.sampler import OHLC_COLUMNS, MultiTFWindowSampler
+from stage1.data.splits import _assert_no_shared_bars, chronological_splits
 from stage1.data.synthetic import generate_m1
 from stage1.data.timeframes import tf_ns
 from stage1.errors import DataValidationError

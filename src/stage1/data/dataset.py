@@ -28,7 +28,8 @@ from stage1.data.device_batch import DeviceBatchBuilder
 from stage1.data.instruments import DataDirs, balanced_order, find_instruments, load_bar_blocks
 from stage1.data.masking import MaskingStrategy
 from stage1.data.normalization import TFNormalizer
-from stage1.data.sampler import MultiTFWindowSampler, chronological_splits
+from stage1.data.sampler import MultiTFWindowSampler
+from stage1.data.splits import chronological_splits
 from stage1.data.timeframes import NS_PER_MINUTE, sort_timeframes, tf_ns
 from stage1.errors import ConfigError
 

@@ -27,8 +27,8 @@ import pandas as pd
 import pyarrow
 import pyarrow.parquet as pq
 
+from stage1.data.bar_blocks import BarBlocks
 from stage1.data.io import OHLC, file_sha256, find_tf_file, read_bars, validate_bars
-from stage1.data.sampler import BarBlocks
 from stage1.data.timeframes import sort_timeframes
 from stage1.errors import ConfigError, DataValidationError
 

@@ -12,6 +12,9 @@ instrument's block, so windows never mix instruments and ``gather`` does not car
 ordered by instrument, then by anchor time. The arrays may be memory-mapped ``.npy`` files (see
 ``stage1.data.instruments.load_bar_blocks``); the index is then written to its memory-mapped
 cache file as it is built, so nothing proportional to the data is held in anonymous memory.
+
+The bar arrays (:class:`BarBlocks` and their helpers) live in :mod:`stage1.data.bar_blocks`, the
+train / val / test splits in :mod:`stage1.data.splits`; their public names are re-exported here.
 """
 
 from __future__ import annotations
@@ -20,79 +23,33 @@ import hashlib
 import itertools
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
+from stage1.data.bar_blocks import (
+    OHLC_COLUMNS,
+    BarBlocks,
+    FloatArray,
+    IntArray,
+    _newest_complete,
+    _ohlc,
+    _open_ns,
+)
+
+# Re-exported: the splits over a sampler's windows are imported from here too.
+from stage1.data.splits import chronological_splits as chronological_splits
+from stage1.data.splits import split_cut_times as split_cut_times
 from stage1.data.timeframes import sort_timeframes, tf_minutes, tf_ns
 from stage1.errors import DataValidationError
 from stage1.utils import atomic_path
 
-OHLC_COLUMNS = ("open", "high", "low", "close")
 # Bump when the cached index's layout or meaning changes, so old cache files are never read.
 CACHE_FORMAT_VERSION = 2
 # Windows per step of the chunked passes over all windows (bounds their temporaries).
 CHUNK_WINDOWS = 1 << 20
-
-IntArray = npt.NDArray[np.int64]
-FloatArray = npt.NDArray[np.float64]
-
-
-def _open_ns(df: pd.DataFrame, tf: str) -> IntArray:
-    """Bar open times of ``df`` as int64 UTC nanoseconds (naive index = UTC)."""
-    index = df.index
-    if not isinstance(index, pd.DatetimeIndex):
-        raise DataValidationError(
-            f"{tf}: bars must be indexed by a DatetimeIndex of open times, got "
-            f"{type(index).__name__} (load them with stage1.data.io.load_tf_data)"
-        )
-    index = index.tz_localize("UTC") if index.tz is None else index.tz_convert("UTC")
-    # pandas 3 may store microseconds; asi8 is only nanoseconds after an explicit unit change.
-    return np.asarray(index.as_unit("ns").asi8, dtype=np.int64)
-
-
-def _ohlc(df: pd.DataFrame, tf: str) -> FloatArray:
-    missing = [c for c in OHLC_COLUMNS if c not in df.columns]
-    if missing:
-        raise DataValidationError(f"{tf}: missing column(s) {missing}; need {list(OHLC_COLUMNS)}")
-    return np.ascontiguousarray(df[list(OHLC_COLUMNS)].to_numpy(dtype=np.float64))
-
-
-def _newest_complete(close_ns: IntArray, anchors: IntArray) -> npt.NDArray[np.int32]:
-    """Row of the newest bar with ``close <= anchor`` for every (sorted) anchor; -1 if none.
-
-    Same as ``searchsorted(close_ns, anchors, "right") - 1``, but searches the (usually far
-    fewer) bar closes among the anchors and counts them, which is several times faster.
-    """
-    first_anchor = np.searchsorted(anchors, close_ns, side="left")  # first anchor >= close
-    closed = np.bincount(first_anchor, minlength=len(anchors) + 1)[: len(anchors)]
-    # int32 halves the memory of the per-timeframe temporaries (row counts are far below 2**31).
-    return np.cumsum(closed, dtype=np.int32) - 1
-
-
-@dataclass
-class BarBlocks:
-    """Bars of one or several instruments in one row space per timeframe.
-
-    ``open_ns[k]`` int64 ``[rows]`` and ``ohlc[k]`` float64 ``[rows, 4]`` hold timeframe ``k``'s
-    bars, instrument after instrument: instrument ``i``'s block is rows ``starts[i, k]`` to
-    ``starts[i + 1, k]`` (``starts`` int64 ``[n_instruments + 1, n_tf]``), open times strictly
-    increasing inside a block. ``content_key``: a digest of the bars when the caller knows one
-    (the bar cache's key); None: the index cache hashes the open times itself.
-    """
-
-    timeframes: list[str]
-    open_ns: list[IntArray]
-    ohlc: list[FloatArray]
-    instruments: list[str]
-    starts: IntArray
-    content_key: str | None = None
-
-    def rows(self, i: int, k: int) -> slice:
-        return slice(int(self.starts[i, k]), int(self.starts[i + 1, k]))
 
 
 def _allocate_in_memory(shape: tuple[int, ...]) -> IntArray:
@@ -428,128 +385,3 @@ class MultiTFWindowSampler:
                 ohlc[0, k], index=index.tz_localize("UTC"), columns=list(OHLC_COLUMNS)
             )
         return window
-
-
-def _kth_anchor(sampler: MultiTFWindowSampler, k: int) -> int:
-    """The ``k``-th smallest anchor time (1-based) over the windows of every instrument, found
-    by bisecting on time (each instrument's anchors are sorted), without sorting them all."""
-    blocks = [
-        sampler.anchor_ns[sampler.instrument_windows(i)] for i in range(len(sampler.instruments))
-    ]
-    if len(blocks) == 1:
-        return int(blocks[0][k - 1])
-    low = min(int(b[0]) for b in blocks if len(b))
-    high = max(int(b[-1]) for b in blocks if len(b))
-    while low < high:  # smallest t with count(anchor <= t) >= k: an anchor itself
-        mid = low + (high - low) // 2
-        if sum(int(np.searchsorted(b, mid, side="right")) for b in blocks) >= k:
-            high = mid
-        else:
-            low = mid + 1
-    return low
-
-
-def _first_opening_at(sampler: MultiTFWindowSampler, lo: int, hi: int, bound_ns: int) -> int:
-    """The first window id in ``[lo, hi)`` (one instrument's) whose oldest bar opens at or after
-    ``bound_ns``, else ``hi``. Inside an instrument every timeframe's end row grows with the
-    window id, so the oldest open does too: bisection finds it."""
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if sampler.first_open_ns([mid])[0] >= bound_ns:
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo
-
-
-def split_cut_times(
-    sampler: MultiTFWindowSampler, train_frac: float, val_frac: float
-) -> tuple[int, int]:
-    """``(train_end, val_end)``: the anchor times (UTC ns) that close the train and the val cut,
-    the same calendar times for every instrument. Train takes the windows anchored at or before
-    ``train_end`` (the ``train_frac`` share of all windows, pooled over instruments), val those
-    after it up to ``val_end`` (``val_end == train_end`` when val is empty), test the rest."""
-    n = len(sampler)
-    n_train, n_val = int(n * train_frac), int(n * val_frac)
-    if n_train == 0:
-        raise DataValidationError(
-            f"train split: {n} windows x train_frac={train_frac} leaves no train window"
-        )
-    train_end = _kth_anchor(sampler, n_train)
-    return train_end, _kth_anchor(sampler, n_train + n_val) if n_val else train_end
-
-
-def chronological_splits(
-    sampler: MultiTFWindowSampler, train_frac: float, val_frac: float, embargo_ns: int
-) -> dict[str, IntArray]:
-    """Window ids of ``train``, ``val`` and ``test``, cut by anchor time with an embargo.
-
-    The cut times come from :func:`split_cut_times` and are the same for every instrument
-    (correlated pairs would otherwise leak across splits). A val window is kept only if its
-    oldest bar (over ALL timeframes) opens at or after the train cut + ``embargo_ns``; likewise a
-    test window against the val cut. Rows of every timeframe used by different splits are then
-    checked to be disjoint, instrument by instrument (``AssertionError`` otherwise: a bug).
-    """
-    train_end, val_end = split_cut_times(sampler, train_frac, val_frac)
-    parts: dict[str, list[IntArray]] = {"val": [], "test": []}
-    train_ranges = []
-    cut_sizes = {"val": 0, "test": 0}
-    for i in range(len(sampler.instruments)):
-        window = sampler.instrument_windows(i)
-        anchors = sampler.anchor_ns[window]
-        first, stop_train, stop_val, stop = (
-            window.start,
-            window.start + int(np.searchsorted(anchors, train_end, side="right")),
-            window.start + int(np.searchsorted(anchors, val_end, side="right")),
-            window.stop,
-        )
-        train_ranges.append((first, stop_train))
-        for name, (lo, hi), bound in (
-            ("val", (stop_train, stop_val), train_end),
-            ("test", (stop_val, stop), val_end),
-        ):
-            cut_sizes[name] += hi - lo
-            kept = _first_opening_at(sampler, lo, hi, bound + embargo_ns)
-            parts[name].append(np.arange(kept, hi, dtype=np.int64))
-    # Filled in place: the train ids are most of the windows (no concatenated copy).
-    train = np.empty(sum(hi - lo for lo, hi in train_ranges), dtype=np.int64)
-    filled = 0
-    for lo, hi in train_ranges:
-        train[filled : filled + hi - lo] = np.arange(lo, hi)
-        filled += hi - lo
-    splits = {"train": train, **{name: np.concatenate(ids) for name, ids in parts.items()}}
-    for name, size in cut_sizes.items():
-        if size and len(splits[name]) == 0:
-            raise DataValidationError(
-                f"{name} split: all {size} windows start within the embargo of "
-                f"{embargo_ns / 60e9:g} min after the previous split; use more data or a "
-                "smaller seq_len / data.embargo_minutes"
-            )
-    _assert_no_shared_bars(sampler, splits)
-    return splits
-
-
-def _assert_no_shared_bars(sampler: MultiTFWindowSampler, splits: dict[str, IntArray]) -> None:
-    """Per instrument, every timeframe's row ranges of consecutive splits must not overlap.
-
-    A split's ids are increasing and an instrument's end rows grow with the window id (the
-    index is built in anchor order), so a split's rows within an instrument span from its first
-    window's oldest row to its last window's newest row."""
-    order = [name for name in ("train", "val", "test") if len(splits[name])]
-    for i, instrument in enumerate(sampler.instruments):
-        spans = {}
-        for name in order:
-            lo, hi = np.searchsorted(splits[name], sampler.window_starts[i : i + 2])
-            if hi > lo:
-                ids = splits[name][lo:hi]
-                spans[name] = (
-                    sampler.end_rows[ids[0]] - (sampler.seq_len - 1),
-                    sampler.end_rows[ids[-1]],
-                )
-        names = list(spans)
-        for earlier, later in itertools.pairwise(names):
-            shared = spans[earlier][1] >= spans[later][0]
-            if shared.any():
-                tfs = [tf for tf, s in zip(sampler.timeframes, shared, strict=True) if s]
-                where = f" of instrument {instrument}" if instrument else ""
-                raise AssertionError(f"splits {earlier} and {later} share bars{where} of {tfs}")
