@@ -16,7 +16,7 @@ COMMANDS = {
     "prepare": ("stage1.data.prepare", "run_prepare"),
     "train": ("stage1.training", "run_train"),
     "evaluate": ("stage1.evaluation", "run_evaluate"),
-    "encode": ("stage1.inference", "run_encode"),
+    "encode": ("stage1.encode", "run_encode"),
     "demo": ("stage1.demo", "run_demo"),
     "check": ("stage1.check", "run_check"),
 }

@@ -54,8 +54,8 @@ def _prepare_data(args: argparse.Namespace, out: Path, timeframes: list[str]) ->
 
 def run_demo(args: argparse.Namespace) -> None:
     """Run prepare → train → evaluate → encode and print where the results are."""
+    from stage1.encode import run_encode
     from stage1.evaluation import run_evaluate
-    from stage1.inference import run_encode
     from stage1.training import run_train
 
     out = Path(args.out).resolve()

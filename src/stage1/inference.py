@@ -1,4 +1,4 @@
-"""Stage1InferenceEngine and ``stage1 encode``: encoder embeddings for the Stage 2 RL agent.
+"""Stage1InferenceEngine: encoder embeddings for the Stage 2 RL agent.
 
 Windows are built by exactly the training code: :class:`MultiTFWindowSampler` (same
 ``seq_len`` and staleness rule, no look-ahead) and :class:`DeviceBatchBuilder` on the engine's
@@ -18,45 +18,46 @@ Memory: the engine never materialises all windows; it gathers one batch at a tim
 returns the whole result, which for many anchors without pooling is necessarily large
 (1 M anchors x 6 x 12 x 128 float32 = 37 GB); use ``iter_encode`` or ``stage1 encode`` (which
 streams chunks to disk) for such ranges.
+
+Beside the engine: :class:`LiveEncoder` (incremental encoding for a live agent) lives in
+:mod:`stage1.live`, the ``stage1 encode`` command (``run_encode``, ``encode_to_file``, the file
+writers) in :mod:`stage1.encode`; their public names stay importable from here (the command's
+lazily: :mod:`stage1.encode` imports this module).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import time
+import importlib
 from collections.abc import Iterator, Mapping
-from contextlib import ExitStack
 from datetime import datetime
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
-from tqdm import tqdm
 
 from stage1.checkpoint import load_checkpoint
 from stage1.data.device_batch import DeviceBatchBuilder
 from stage1.data.features import FeatureEngineer
-from stage1.data.instruments import Instrument, find_instruments
-from stage1.data.io import bars_from_frame, load_tf_data, validate_bars
+from stage1.data.io import bars_from_frame, validate_bars
 from stage1.data.normalization import TFNormalizer
 from stage1.data.sampler import MultiTFWindowSampler
 from stage1.data.timeframes import sort_timeframes
 from stage1.errors import CheckpointError, ConfigError, DataValidationError
+from stage1.live import LiveEncoder
 from stage1.model.model import POOLS, pool_embeddings
-from stage1.utils import atomic_path
+
+if TYPE_CHECKING:
+    from stage1.encode import PARQUET_ROW_GROUP_BYTES as PARQUET_ROW_GROUP_BYTES
+    from stage1.encode import encode_to_file as encode_to_file
+    from stage1.encode import run_encode as run_encode
+    from stage1.encode import timestamps_path as timestamps_path
 
 # Windows per model call when batch_size is None. On a CPU small batches keep the activations in
 # cache (bench_encode.py: 128 runs ~1.5x faster than 1024); a GPU wants big ones.
 DEFAULT_BATCH_SIZE = {"cpu": 128, "cuda": 4096}
-# Parquet row groups of about this many bytes: big enough for fast scans, small enough that
-# the write buffer stays bounded whatever the number of anchors.
-PARQUET_ROW_GROUP_BYTES = 32 << 20
 
 TimeLike = str | datetime | np.datetime64 | pd.Timestamp | None
 Embeddings = npt.NDArray[np.float32]
@@ -301,235 +302,11 @@ class Stage1InferenceEngine:
         return live
 
 
-class LiveEncoder:
-    """Incremental encoding for a live agent: append bars, get the newest embedding.
-
-    Only the newest ``keep_bars`` bars of each timeframe are kept (default ``2 * seq_len``: a
-    window needs ``seq_len`` complete bars, the rest is slack for a coarse bar still running at
-    the newest anchor), so each update costs one small index and one batch-of-one forward
-    pass, however long the agent runs. The embedding equals ``encode()``'s for the same anchor:
-    a window that is valid in the kept tail holds exactly the bars the full data's window holds
-    (the tail is a contiguous suffix, and a window reaching past it is rejected as short).
-
-    Contract: base-timeframe bars must be closed (the newest one defines the anchor). Coarser
-    timeframes may include their running bar; it enters no window before it closes, and a bar
-    sent again (same open time) replaces the held copy, so its final values win. Each update
-    must bring every timeframe up to the same moment: a coarse bar that closed at or before the
-    newest base bar's close but arrives only in a LATER update would be missing from that
-    anchor's window, unlike ``encode()`` with hindsight.
-    """
-
-    def __init__(
-        self, engine: Stage1InferenceEngine, pool: str | None = None, keep_bars: int | None = None
-    ) -> None:
-        engine.embedding_shape(pool)
-        self.engine = engine
-        self.pool = pool
-        self.keep_bars = 2 * engine.seq_len if keep_bars is None else int(keep_bars)
-        if self.keep_bars < engine.seq_len:
-            raise ConfigError(
-                f"keep_bars: must be >= seq_len ({engine.seq_len}), got {self.keep_bars}"
-            )
-        self._bars: dict[str, pd.DataFrame] = {}
-        # The last (anchor_time, embedding) returned, e.g. the newest one of the priming history.
-        self.latest: tuple[pd.Timestamp, Embeddings] | None = None
-
-    @property
-    def last_anchor(self) -> pd.Timestamp | None:
-        """Anchor time of the last embedding returned (``None`` before the first)."""
-        return None if self.latest is None else self.latest[0]
-
-    def _append(self, tf: str, frame: pd.DataFrame) -> None:
-        source = f"new_bars[{tf!r}]"
-        bars = bars_from_frame(frame, source)
-        validate_bars(bars, source)
-        held = self._bars.get(tf)
-        if held is not None:
-            # A bar sent again (e.g. a running bar, then its final version) replaces the held one.
-            bars = pd.concat([held, bars])
-            bars = bars[~bars.index.duplicated(keep="last")].sort_index()
-        self._bars[tf] = bars.iloc[-self.keep_bars :]
-
-    def update(
-        self, new_bars: Mapping[str, pd.DataFrame]
-    ) -> tuple[pd.Timestamp, Embeddings] | None:
-        """Append ``new_bars`` (``{tf: DataFrame}``, any subset of the timeframes; see the class
-        contract) and return ``(anchor_time, embedding)`` for the newest valid window if its anchor
-        is newer than the last one returned; ``None`` otherwise (not enough history yet, the
-        newest window is stale, e.g. right after the weekend, or nothing new). ``embedding`` is
-        float32 ``[n_tf, latent_len, d_model]`` or pooled ``[D]``, as one row of ``encode()``.
-        When several base bars arrive at once only the newest anchor is encoded; use
-        ``encode()`` for backfills."""
-        unknown = [tf for tf in new_bars if tf not in self.engine.timeframes]
-        if unknown:
-            raise DataValidationError(
-                f"new_bars: unknown timeframe(s) {unknown}; the model uses {self.engine.timeframes}"
-            )
-        for tf, frame in new_bars.items():
-            self._append(tf, frame)
-        if any(len(self._bars.get(tf, ())) < self.engine.seq_len for tf in self.engine.timeframes):
-            return None
-        try:
-            sampler = self.engine.build_sampler(self._bars, validated=True)
-        except DataValidationError:
-            return None  # inputs are validated, so this is "no valid window in the tail yet"
-        anchor = pd.Timestamp(int(sampler.anchor_ns[-1]), tz="UTC")
-        if self.last_anchor is not None and anchor <= self.last_anchor:
-            return None
-        embedding = self.engine.embed_windows(sampler, [len(sampler) - 1], self.pool).numpy()[0]
-        self.latest = (anchor, embedding)
-        return self.latest
+# ``stage1 encode``'s public names, re-exported lazily (stage1.encode imports this module).
+_ENCODE_NAMES = ("PARQUET_ROW_GROUP_BYTES", "encode_to_file", "run_encode", "timestamps_path")
 
 
-# ---------------------------------------------------------------------------- stage1 encode
-class _NpyWriter:
-    """Streams ``[N, *shape]`` float32 rows into ``.npy`` (header first: ``N`` is known), and
-    writes the anchor times to ``<stem>_timestamps.npy`` (``datetime64[ns]``, UTC) at the end."""
-
-    def __init__(self, path: Path, ts_path: Path, n_rows: int, shape: tuple[int, ...]) -> None:
-        self.handle: BinaryIO = path.open("wb")
-        header = {
-            "descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
-            "fortran_order": False,
-            "shape": (n_rows, *shape),
-        }
-        np.lib.format.write_array_header_2_0(self.handle, header)
-        self.ts_path = ts_path
-        self.times = np.empty(n_rows, dtype="datetime64[ns]")
-        self.filled = 0
-
-    def write(self, timestamps: pd.DatetimeIndex, embeddings: Embeddings) -> None:
-        self.handle.write(np.ascontiguousarray(embeddings, dtype=np.float32).tobytes())
-        self.times[self.filled : self.filled + len(timestamps)] = timestamps.asi8.view(
-            "datetime64[ns]"
-        )
-        self.filled += len(timestamps)
-
-    def close(self) -> None:
-        self.handle.close()
-        with self.ts_path.open("wb") as handle:
-            np.save(handle, self.times)
-
-
-class _ParquetWriter:
-    """Streams rows to Parquet: ``timestamp`` (``timestamp[ns, UTC]``) and one float32 column per
-    embedding dimension ``e0 .. e{D-1}``, in row groups of about 32 MB; the file's key-value
-    metadata ``stage1`` (JSON) records pool, shape and timeframes."""
-
-    def __init__(self, path: Path, dim: int, metadata: dict[str, Any]) -> None:
-        self.names = [f"e{j}" for j in range(dim)]
-        fields = [pa.field("timestamp", pa.timestamp("ns", tz="UTC"))]
-        fields += [pa.field(name, pa.float32()) for name in self.names]
-        schema = pa.schema(fields, metadata={"stage1": json.dumps(metadata)})
-        self.writer = pq.ParquetWriter(path, schema, compression="zstd")
-        self.group_rows = max(1, PARQUET_ROW_GROUP_BYTES // (4 * dim))
-        self.pending: list[tuple[pd.DatetimeIndex, Embeddings]] = []
-        self.pending_rows = 0
-
-    def write(self, timestamps: pd.DatetimeIndex, embeddings: Embeddings) -> None:
-        self.pending.append((timestamps, embeddings))
-        self.pending_rows += len(timestamps)
-        if self.pending_rows >= self.group_rows:
-            self._flush()
-
-    def _flush(self) -> None:
-        if not self.pending:
-            return
-        times = np.concatenate([t.asi8 for t, _ in self.pending])
-        values = np.concatenate([e for _, e in self.pending])
-        columns = [pa.array(times, type=pa.timestamp("ns", tz="UTC"))]
-        columns += [pa.array(values[:, j]) for j in range(values.shape[1])]
-        self.writer.write_table(pa.Table.from_arrays(columns, schema=self.writer.schema))
-        self.pending, self.pending_rows = [], 0
-
-    def close(self) -> None:
-        self._flush()
-        self.writer.close()
-
-
-def timestamps_path(out: Path) -> Path:
-    """Where ``stage1 encode`` writes the anchor times beside an ``.npy`` output."""
-    return out.with_name(f"{out.stem}_timestamps.npy")
-
-
-def run_encode(args: argparse.Namespace) -> None:
-    """``stage1 encode``: embeddings of every valid anchor in ``[--start, --end]`` to disk.
-
-    ``--out x.parquet``: columns ``timestamp`` + ``e0..e{D-1}`` (one vector per anchor; without
-    ``--pool`` the flattened embedding). ``--out x.npy``: float32 ``[N, n_tf, latent_len,
-    d_model]`` (or ``[N, D]`` pooled) plus ``x_timestamps.npy``. Streamed in chunks (bounded
-    memory) and written atomically: an interrupted run leaves no partial file. A data root of
-    several instruments gives one file per instrument, ``x_<INSTRUMENT>.parquet`` (or ``.npy``).
-    """
-    out = Path(args.out)
-    suffix = out.suffix.lower()
-    if suffix not in (".parquet", ".npy"):
-        raise ConfigError(f"--out: {out} must end in .parquet or .npy")
-    pool = args.pool
-    if suffix == ".parquet" and pool is None:
-        pool = "flatten"
-        print("stage1 encode: Parquet holds one vector per anchor; no --pool given, so flatten")
-    engine = Stage1InferenceEngine(args.ckpt, device=args.device)
-    instruments = find_instruments(args.data_dir, engine.timeframes)
-    for instrument in instruments:
-        target = (
-            out
-            if len(instruments) == 1
-            else out.with_name(f"{out.stem}_{instrument.name}{out.suffix}")
-        )
-        encode_to_file(engine, instrument, target, args.start, args.end, pool, args.batch_size)
-
-
-def encode_to_file(
-    engine: Stage1InferenceEngine,
-    instrument: Instrument,
-    out: Path,
-    start: TimeLike,
-    end: TimeLike,
-    pool: str | None,
-    batch_size: int | None,
-) -> None:
-    """Encode one instrument's windows into ``out`` (see :func:`run_encode`) and print a line."""
-    started = time.perf_counter()
-    suffix = out.suffix.lower()
-    sampler = engine.build_sampler(load_tf_data(instrument.path, engine.timeframes))
-    window_ids = engine.select_windows(sampler, start, end)
-    shape = engine.embedding_shape(pool)
-    metadata = {
-        "pool": pool,
-        "shape": list(shape),
-        "timeframes": engine.timeframes,
-        "seq_len": engine.seq_len,
-        "latent_len": engine.latent_len,
-        "d_model": engine.d_model,
-        "checkpoint": str(engine.checkpoint_path),
-        "instrument": instrument.name,
-    }
-    writer: _NpyWriter | _ParquetWriter
-    with ExitStack() as stack:
-        tmp = stack.enter_context(atomic_path(out))
-        if suffix == ".parquet":
-            writer = _ParquetWriter(tmp, shape[0], metadata)
-        else:
-            ts_tmp = stack.enter_context(atomic_path(timestamps_path(out)))
-            writer = _NpyWriter(tmp, ts_tmp, len(window_ids), shape)
-        # Closed before the temp files are renamed (or, on failure, deleted).
-        stack.callback(writer.close)
-        progress = stack.enter_context(
-            tqdm(total=len(window_ids), unit="win", desc=f"encode {instrument.name}", disable=None)
-        )
-        loop_started = time.perf_counter()
-        for timestamps, embeddings in engine._iter_chunks(sampler, window_ids, batch_size, pool):
-            writer.write(timestamps, embeddings)
-            progress.update(len(timestamps))
-        loop_s = time.perf_counter() - loop_started
-    seconds = time.perf_counter() - started
-    first, last = _utc_index(sampler.anchor_ns[window_ids[[0, -1]]])
-    extra = "" if suffix == ".parquet" else f" (+ {timestamps_path(out).name})"
-    print(
-        f"stage1 encode: {len(window_ids)} anchors of {instrument.name} {first} .. {last}, "
-        f"embedding {list(shape)} float32 (pool={pool}) on {engine.device} -> {out}{extra} "
-        f"in {seconds:.1f} s ({len(window_ids) / seconds:,.0f} windows/s; encoding loop "
-        f"{len(window_ids) / max(loop_s, 1e-9):,.0f} windows/s after {seconds - loop_s:.1f} s "
-        "of loading)"
-    )
+def __getattr__(name: str) -> Any:
+    if name in _ENCODE_NAMES:
+        return getattr(importlib.import_module("stage1.encode"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

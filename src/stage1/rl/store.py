@@ -25,14 +25,9 @@ import pyarrow.parquet as pq
 
 from stage1.data.io import file_sha256, load_tf_data
 from stage1.data.timeframes import tf_ns
+from stage1.encode import _ParquetWriter
 from stage1.errors import ConfigError, Stage1Error
-from stage1.inference import (
-    Stage1InferenceEngine,
-    TimeLike,
-    _ParquetWriter,
-    _utc_index,
-    to_utc_ns,
-)
+from stage1.inference import Stage1InferenceEngine, TimeLike, _utc_index, to_utc_ns
 from stage1.utils import atomic_path
 
 STORE_FORMAT = "stage1-embedding-store-v1"

@@ -22,7 +22,7 @@ from gymnasium import spaces
 
 from stage1.data.timeframes import tf_ns
 from stage1.errors import ConfigError
-from stage1.inference import LiveEncoder
+from stage1.live import LiveEncoder
 from stage1.rl.encoder import Stage1Encoder
 from stage1.rl.store import (
     DEFAULT_STALENESS_BARS,
