@@ -21,17 +21,14 @@ streams chunks to disk) for such ranges.
 
 Beside the engine: :class:`LiveEncoder` (incremental encoding for a live agent) lives in
 :mod:`stage1.live`, the ``stage1 encode`` command (``run_encode``, ``encode_to_file``, the file
-writers) in :mod:`stage1.encode`; their public names stay importable from here (the command's
-lazily: :mod:`stage1.encode` imports this module).
+writers) in :mod:`stage1.encode`.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Iterator, Mapping
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -48,12 +45,6 @@ from stage1.data.timeframes import sort_timeframes
 from stage1.errors import CheckpointError, ConfigError, DataValidationError
 from stage1.live import LiveEncoder
 from stage1.model.model import POOLS, pool_embeddings
-
-if TYPE_CHECKING:
-    from stage1.encode import PARQUET_ROW_GROUP_BYTES as PARQUET_ROW_GROUP_BYTES
-    from stage1.encode import encode_to_file as encode_to_file
-    from stage1.encode import run_encode as run_encode
-    from stage1.encode import timestamps_path as timestamps_path
 
 # Windows per model call when batch_size is None. On a CPU small batches keep the activations in
 # cache (bench_encode.py: 128 runs ~1.5x faster than 1024); a GPU wants big ones.
@@ -300,13 +291,3 @@ class Stage1InferenceEngine:
         if history is not None:
             live.update(history)
         return live
-
-
-# ``stage1 encode``'s public names, re-exported lazily (stage1.encode imports this module).
-_ENCODE_NAMES = ("PARQUET_ROW_GROUP_BYTES", "encode_to_file", "run_encode", "timestamps_path")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _ENCODE_NAMES:
-        return getattr(importlib.import_module("stage1.encode"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
