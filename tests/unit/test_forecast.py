@@ -68,6 +68,24 @@ def test_horizon_targets_follow_the_rule_anchor_by_anchor() -> None:
     assert seen[True] > 500 and seen[False] > 50  # both kinds of anchors were exercised
 
 
+def test_horizon_targets_read_nothing_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The resident builder computes the labels on the device every training step: no
+    .item(), .cpu(), .tolist(), .numpy() or Python truth test of a tensor in them."""
+    rows = torch.arange(64)[:, None] + torch.arange(max(HORIZONS) + 1)
+    log_close = torch.log(100 + torch.rand(64 + max(HORIZONS), dtype=torch.float64))[rows]
+    open_ns = (rows * NS_PER_MINUTE).long()
+    n_after = torch.full((64,), max(HORIZONS))
+
+    def refuse(self: torch.Tensor, *args: object, **kwargs: object) -> object:
+        raise AssertionError("horizon_targets read a tensor back to the host")
+
+    for name in ("item", "cpu", "tolist", "numpy", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    log_vol, _, valid = horizon_targets(log_close, open_ns, n_after, HORIZONS, NS_PER_MINUTE)
+    monkeypatch.undo()
+    assert valid.all() and torch.isfinite(log_vol).all()
+
+
 @pytest.fixture(scope="module")
 def sampler(synthetic_data_dir: Path) -> MultiTFWindowSampler:
     return build_sampler(synthetic_data_dir, load_config("test"))

@@ -45,16 +45,19 @@ def horizon_targets(
     Returns ``(log_vol, log_return, valid)``, each ``[n, len(horizons)]`` (float64, float64,
     bool); the values of invalid entries are 0.
     """
-    h = torch.as_tensor(list(horizons), device=log_close.device)
-    if h.numel() == 0 or int(h.min()) < 1 or int(h.max()) >= log_close.shape[1]:
+    hs = [int(h) for h in horizons]
+    if not hs or min(hs) < 1 or max(hs) >= log_close.shape[1]:
         raise ValueError(
             f"horizons {list(horizons)} must lie in 1..{log_close.shape[1] - 1} (rows gathered)"
         )
+    # One column per horizon, indexed by Python ints: nothing is copied to or read back from
+    # the device (this runs in every training step of the forecast objective).
     cum_sq = torch.diff(log_close, dim=1).square().cumsum(dim=1)  # [n, longest]
-    sum_sq = cum_sq[:, h - 1]
-    log_return = log_close[:, h] - log_close[:, :1]
-    gap = open_ns[:, h] - open_ns[:, :1]
-    valid = (h[None, :] <= n_after[:, None]) & (gap <= 2 * h * bar_ns) & (sum_sq > 0)
+    sum_sq = torch.stack([cum_sq[:, h - 1] for h in hs], dim=1)
+    log_return = torch.stack([log_close[:, h] for h in hs], dim=1) - log_close[:, :1]
+    gap_ok = torch.stack([open_ns[:, h] - open_ns[:, 0] <= 2 * h * bar_ns for h in hs], dim=1)
+    in_block = torch.stack([n_after >= h for h in hs], dim=1)
+    valid = in_block & gap_ok & (sum_sq > 0)
     log_vol = 0.5 * torch.log(torch.where(valid, sum_sq, torch.ones_like(sum_sq)))
     zero = torch.zeros_like(log_vol)
     return torch.where(valid, log_vol, zero), torch.where(valid, log_return, zero), valid
