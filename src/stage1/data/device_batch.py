@@ -192,10 +192,10 @@ class DeviceBatchBuilder:
         return self._stats if normalize and self.normalizer is not None else None
 
     def _gathered(
-        self, ids: torch.Tensor, normalize: bool = True, with_times: bool = True
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """Features, open times (``with_times``) and reference prices of ``ids`` from the
-        sampler's own arrays (not resident), on the device.
+        self, ids: torch.Tensor, normalize: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Features, open times and reference prices of ``ids`` from the sampler's own arrays
+        (not resident), on the device.
 
         Built ``GATHER_CHUNK`` windows at a time: a chunk's prices and intermediates stay in
         the CPU's cache through every pass over them (a whole batch's do not), ~15 % faster
@@ -203,7 +203,7 @@ class DeviceBatchBuilder:
         ids_host = ids.cpu().numpy()
         n_tf, length = len(self.timeframes), self.seq_len
         features = torch.empty(len(ids_host), n_tf, length, N_FEATURES)
-        times = torch.empty(len(ids_host), n_tf, length, dtype=torch.int64) if with_times else None
+        times = torch.empty(len(ids_host), n_tf, length, dtype=torch.int64)
         ref_price = torch.empty(len(ids_host), dtype=torch.float64)
         stats = self._stats_for(normalize)
         if stats is not None:
@@ -214,14 +214,8 @@ class DeviceBatchBuilder:
             prices = torch.from_numpy(ohlc)
             price_window_features(prices, stats, out=features[part])
             ref_price[part] = prices[:, 0, 0, OPEN]
-            if times is not None:
-                times[part] = torch.from_numpy(open_ns)
-        device = self.device
-        return (
-            features.to(device),
-            None if times is None else times.to(device),
-            ref_price.to(device),
-        )
+            times[part] = torch.from_numpy(open_ns)
+        return features.to(self.device), times.to(self.device), ref_price.to(self.device)
 
     def features(
         self, window_ids: npt.ArrayLike | torch.Tensor, normalize: bool = True
@@ -229,7 +223,7 @@ class DeviceBatchBuilder:
         """Features float32 ``[B, n_tf, seq_len, 6]``: z-scores, or raw with ``normalize=False``
         (the normaliser's fit) or without a normaliser."""
         if not self.resident:
-            return self._gathered(self._as_ids(window_ids), normalize, with_times=False)[0]
+            return self._gathered(self._as_ids(window_ids), normalize)[0]
         return self._features(self.rows(window_ids), normalize)
 
     def _features(self, rows: torch.Tensor, normalize: bool = True) -> torch.Tensor:
@@ -251,9 +245,7 @@ class DeviceBatchBuilder:
             first_base_row = self.base_end_rows[ids] - (self.seq_len - 1)
             ref_price = _take_rows(self.base_open, first_base_row)
         else:
-            features, gathered_times, ref_price = self._gathered(ids)
-            assert gathered_times is not None
-            times = gathered_times
+            features, times, ref_price = self._gathered(ids)
         batch = {
             "features": features,
             "targets": features.clone(),
