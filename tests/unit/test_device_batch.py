@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from stage1.config import load_config
+from stage1.data import device_batch
 from stage1.data.dataset import build_sampler, build_splits, fit_normalizer
 from stage1.data.device_batch import DeviceBatchBuilder, _take_rows
 from stage1.data.features import FeatureEngineer, numpy_reference_features
@@ -75,18 +76,28 @@ def test_features_equal_the_numpy_reference_path(real) -> None:
     torch.testing.assert_close(raw, reference_raw, atol=1e-9, rtol=3e-7)
 
 
-def test_resident_tables_and_gathered_prices_give_the_same_batch(real) -> None:
-    """Bars held as per-bar tables (the accelerator default) and prices gathered per batch
-    from the sampler's arrays (the CPU default, bounded memory) give bit-identical batches."""
+def test_batches_do_not_depend_on_how_they_are_cut(real, monkeypatch) -> None:
+    """The tables are built in chunks of rows and batches in chunks of windows: a table built
+    in chunks of 1 000 rows (one row of overlap each) and a batch taken in one piece or in
+    pieces of 7 windows give the same bits."""
     sampler, normalizer, ids = real
-    resident = DeviceBatchBuilder(sampler, normalizer, resident=True)
-    gathered = DeviceBatchBuilder(sampler, normalizer)
-    assert resident.resident and not gathered.resident
-    expected, got = resident.batch(ids), gathered.batch(ids)
+    expected = DeviceBatchBuilder(sampler, normalizer).batch(ids)
+    monkeypatch.setattr(device_batch, "TABLE_CHUNK_ROWS", 1000)
+    monkeypatch.setattr(device_batch, "GATHER_CHUNK", 7)
+    builder = DeviceBatchBuilder(sampler, normalizer)
+    got = builder.batch(ids)
     for key in expected:
         assert torch.equal(expected[key], got[key]), key
-    raw = gathered.features(ids, normalize=False)
-    assert torch.equal(resident.features(ids, normalize=False), raw)
+    parts = [builder.batch(ids[i : i + 500])["features"] for i in range(0, len(ids), 500)]
+    assert torch.equal(torch.cat(parts), expected["features"])
+
+
+def test_a_builder_without_normalizer_gives_the_raw_features(real) -> None:
+    """Without statistics the table holds raw values: its batches equal the price path of the
+    normaliser's fit (``normalize=False``) bit for bit."""
+    sampler, normalizer, ids = real
+    raw = DeviceBatchBuilder(sampler, normalizer).features(ids, normalize=False)
+    assert torch.equal(DeviceBatchBuilder(sampler).batch(ids)["features"], raw)
 
 
 def test_raw_price_windows_get_the_same_features(real) -> None:
@@ -134,9 +145,10 @@ def test_features_are_scale_free(synthetic_sampler: MultiTFWindowSampler) -> Non
 
 def test_the_accelerator_gather_equals_the_cpu_one(synthetic_sampler) -> None:
     """``_take_rows`` uses np.take on the CPU and torch indexing elsewhere: the same rows."""
-    builder = DeviceBatchBuilder(synthetic_sampler, resident=True)
+    builder = DeviceBatchBuilder(synthetic_sampler)
     rows = builder.rows(np.arange(0, len(synthetic_sampler), 31))
-    assert torch.equal(_take_rows(builder.table, rows), builder.table[rows])
+    table = builder.tables()[0]
+    assert torch.equal(_take_rows(table, rows), table[rows])
     assert torch.equal(_take_rows(builder.open_ns, rows), builder.open_ns[rows])
 
 

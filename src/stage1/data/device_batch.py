@@ -1,20 +1,21 @@
 """DeviceBatchBuilder: whole batches of windows built on the training device.
 
-The sampler's bars move to the device once, as per-bar tables; a batch of window ids then
-becomes gather → features → normalise in a few torch ops on that device, with no loop over
-windows and no host round trip. Training (``Stage1DataModule``), evaluation
-(``Stage1Dataset.get_batch``) and encoding (``Stage1InferenceEngine``) all build batches here.
-The math is ``stage1.data.features`` (``bar_table``, ``window_features``), which
+The sampler's bars become per-bar tables on the device once; a batch of window ids then
+becomes gather → features in a few torch ops on that device, with no loop over windows and
+no host round trip. Training (``Stage1DataModule``), evaluation (``Stage1Dataset.get_batch``)
+and encoding (``Stage1InferenceEngine``) all build batches here. The math is
+``stage1.data.features`` (``scaled_bars``, ``scaled_windows``), which
 ``FeatureEngineer.process_batch`` also uses for raw price windows (the guide's
-``process_window``, live RL windows): one implementation, two ways to get the bars.
+``process_window``, live RL windows): one implementation, the same bits.
 
 Why per-bar tables: every feature is a per-bar quantity except ``log(p / ref)`` (ref = open
 of the base bar at position 0) and the first bar's ``delta_close`` (its own open stands in
-for the previous close). So the tables hold, per bar and in float64, ``log`` of the four
-prices, ``delta_close``, ``body_ratio`` and ``log(close / open)``; a window costs a gather,
-a subtraction of its ``log ref`` and the z-score, and no logarithm (each M1 bar is in 48
-windows). ``log p - log ref`` is a difference of float64 logs, exact to ~1e-15 even for
-nearby prices; the z-score is formed in float64 too and rounded to float32 once.
+for the previous close), and the z-score is affine. So the tables hold, per bar and in
+float64, ``log p / std - mean / std`` for the four prices, the z-scores of ``delta_close``
+and ``body_ratio``, and the ``delta_close`` z-score of ``log(close / open)``; a window costs
+a gather and one pass, ``table - log ref / std`` rounded to float32, and no logarithm (each
+M1 bar is in 48 windows). The two terms are large and nearly equal (~5 000 for a yen pair),
+their float64 difference is exact to ~1e-12 z units, even for nearby prices.
 
 Rows of several instruments may share one row space per timeframe (windows never cross an
 instrument block): the only cross-row quantity, ``delta_close``, is replaced at a window's
@@ -34,22 +35,27 @@ from stage1.data.features import (
     CLOSE,
     N_FEATURES,
     OPEN,
-    bar_table,
+    _log,
     float64_stats,
+    price_scale,
     price_window_features,
-    window_features,
+    scaled_bars,
+    scaled_windows,
 )
 from stage1.data.normalization import TFNormalizer
 from stage1.data.sampler import MultiTFWindowSampler
-from stage1.data.targets import gathered_targets, horizon_rows, horizon_targets
+from stage1.data.targets import horizon_rows, horizon_targets
 from stage1.data.timeframes import tf_ns
 
 Batch = dict[str, torch.Tensor]
 
-# Windows per step of a gathered (not resident) batch: ~2.4 MB of float64 prices, so a chunk's
-# passes run in the cache (measured per 1 024 windows on the 2-core CPU, 1 thread: 11.1 / 11.5 /
-# 12.8 ms for chunks of 128 / 256 / 512, 13.3 ms for the batch at once).
+# Windows per step of a batch on the CPU: ~3.5 MB of gathered float64 table rows, so a chunk's
+# passes run in the cache (measured per 1 024 windows on the 2-core CPU, 1 thread: 5.5 / 5.6 /
+# 5.8 ms for chunks of 128 / 256 / 512). Accelerators take the batch at once.
 GATHER_CHUNK = 256
+
+# Rows per step of building a table (bounds the float64 temporaries: ~50 MB).
+TABLE_CHUNK_ROWS = 1 << 20
 
 
 def _host_tensor(array: np.ndarray) -> torch.Tensor:
@@ -72,25 +78,19 @@ def _take_rows(table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 class DeviceBatchBuilder:
     """The bars of ``sampler`` on ``device``; builds normalised batches of its windows there.
 
-    Reads only the sampler's arrays (``_ohlc[k]`` float64 ``[rows, 4]``, ``_open_ns[k]``
-    int64 ``[rows]``, ``end_rows`` int64 ``[n_windows, n_tf]``), each once. All timeframes'
-    rows are stacked into one row space (timeframe ``k`` starts at ``row_offsets[k]``), so a
-    batch is one gather. Device memory: 64 bytes per bar (table, log(close/open), open time),
-    8 more per base bar (its open) and 8 per window and timeframe (about 450 MB for 3.1 M M1
-    rows and six timeframes).
+    Reads the sampler's arrays (``_ohlc[k]`` float64 ``[rows, 4]``, ``_open_ns[k]`` int64
+    ``[rows]``, ``end_rows`` int64 ``[n_windows, n_tf]``). All timeframes' rows are stacked
+    into one row space (timeframe ``k`` starts at ``row_offsets[k]``), so a batch is one
+    gather. Memory on the device: 64 bytes per bar (the table, the first-bar term, the open
+    time), 8 more per base bar (its open), on an accelerator 8 per window and timeframe (the
+    index; the CPU reads the sampler's own): about 290 MB on the CPU for 3.1 M M1 rows and six
+    timeframes.
 
-    Without a ``normalizer`` (or with ``normalize=False``) features are raw, as the
-    normaliser's fit needs them; ``set_normalizer`` binds the statistics later. The statistics
-    live on the device, so building a batch copies nothing from the host but the ids.
-
-    ``resident`` (default: True on an accelerator, False on the CPU) chooses where the bars
-    live. Off, nothing is copied: a batch gathers its windows' prices from the sampler's own
-    (possibly memory-mapped) arrays and computes the same per-bar quantities for them only
-    (:func:`~stage1.data.features.price_window_features`, equal to the tables' values), in
-    chunks of ``GATHER_CHUNK`` windows that stay in the cache. On the CPU that is as fast as
-    the tables (each bar's log is taken per window, but a table row is 1.5x a price row to
-    read; measured 12.4 vs 14.0 ms per 1 024 windows, 1 thread) and keeps memory bounded by the
-    sampler's arrays, which several instruments' memory-mapped bars need.
+    The table depends on the statistics: it is built on the first batch after
+    ``set_normalizer`` (about a second per 4 M bars on the CPU). Without a ``normalizer``
+    batches hold raw features. ``features(ids, normalize=False)`` (the normaliser's fit) needs
+    no table: it gathers the windows' prices (:func:`~stage1.data.features.
+    price_window_features`, the same values).
     """
 
     def __init__(
@@ -98,7 +98,6 @@ class DeviceBatchBuilder:
         sampler: MultiTFWindowSampler,
         normalizer: TFNormalizer | None = None,
         device: str | torch.device = "cpu",
-        resident: bool | None = None,
         horizons: Sequence[int] = (),
     ) -> None:
         self.device = torch.device(device)
@@ -106,55 +105,76 @@ class DeviceBatchBuilder:
         self.seq_len = int(sampler.seq_len)
         self.horizons = [int(h) for h in horizons]
         self.bar_ns = tf_ns(sampler.base_tf)
-        self.resident = self.device.type != "cpu" if resident is None else bool(resident)
         self.sampler = sampler
         self.offsets = torch.arange(self.seq_len - 1, -1, -1, device=self.device)  # old → new
-        if not self.resident:
-            self.set_normalizer(normalizer)
-            return
-        n_tf = len(self.timeframes)
-        tables, intrabars, times = [], [], []
-        for k in range(n_tf):
-            ohlc = _host_tensor(sampler._ohlc[k]).to(self.device, torch.float64)
-            table, intrabar = bar_table(ohlc)
-            tables.append(table)
-            intrabars.append(intrabar)
-            times.append(_host_tensor(sampler._open_ns[k]).to(self.device))
-        counts = [len(t) for t in tables]
+        counts = [len(times) for times in sampler._open_ns]
         offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
         self.row_offsets = torch.from_numpy(offsets).to(self.device)
-        self.table = torch.cat(tables)  # [rows, 6] float64
-        self.intrabar = torch.cat(intrabars)  # [rows] float64, log(close / open)
-        self.open_ns = torch.cat(times)  # [rows] int64
-        self.base_open = _host_tensor(sampler._ohlc[0][:, OPEN]).to(self.device, torch.float64)
-        end_rows = _host_tensor(sampler.end_rows).to(self.device, torch.int64)
-        # Row-major (the sampler's index is column-major): a batch reads whole rows of it.
-        self.end_rows = (end_rows + self.row_offsets).contiguous()  # [n_windows, n_tf], global
-        self.base_end_rows = end_rows[:, 0].contiguous()  # rows of the base timeframe itself
+        self.open_ns = torch.cat([_host_tensor(t).to(self.device) for t in sampler._open_ns])
+        base_open = np.ascontiguousarray(sampler._ohlc[0][:, OPEN], dtype=np.float64)
+        self.base_open = torch.from_numpy(base_open).to(self.device)
+        end_rows = _host_tensor(sampler.end_rows)  # [n_windows, n_tf] (column-major)
+        # An accelerator holds a row-major copy (a batch reads whole rows of it).
+        self.end_rows = (
+            end_rows if self.device.type == "cpu" else end_rows.to(self.device).contiguous()
+        )
         # Where each instrument's windows end, and its base rows (the forecast labels' bound).
         self.window_ends = _host_tensor(sampler.window_starts[1:]).to(self.device, torch.int64)
         self.block_end = _host_tensor(sampler.block_starts[1:, 0]).to(self.device, torch.int64)
+        self._base_log_close: torch.Tensor | None = None
+        self._tables: tuple[torch.Tensor, torch.Tensor] | None = None
         self.set_normalizer(normalizer)
+
+    def set_normalizer(self, normalizer: TFNormalizer | None) -> None:
+        """Use ``normalizer``'s statistics from now on (``None``: raw features); the table is
+        rebuilt for them on the next batch."""
+        self.normalizer = normalizer
+        self._stats: tuple[torch.Tensor, torch.Tensor] | None = None
+        if normalizer is not None:
+            if list(normalizer.timeframes) != self.timeframes:
+                raise ValueError(
+                    f"normalizer is for timeframes {normalizer.timeframes}, the sampler has "
+                    f"{self.timeframes}"
+                )
+            self._stats = float64_stats(normalizer.mean, normalizer.std, self.device)
+        self._scale = price_scale(self._stats, len(self.timeframes), self.seq_len, self.device)
+        self._tables = None
+
+    def tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The per-bar table float64 ``[rows, 6]`` and first-bar term ``[rows]`` of every
+        timeframe (see the module doc), built for the current statistics on first use."""
+        if self._tables is None:
+            table = torch.empty(
+                len(self.open_ns), N_FEATURES, dtype=torch.float64, device=self.device
+            )
+            first_delta = torch.empty(len(self.open_ns), dtype=torch.float64, device=self.device)
+            for k, ohlc in enumerate(self.sampler._ohlc):
+                stats = (
+                    None if self._stats is None else (self._stats[0][k, 0], self._stats[1][k, 0])
+                )
+                base = int(self.row_offsets[k])
+                for start in range(0, len(ohlc), TABLE_CHUNK_ROWS):
+                    # One row of overlap: a chunk's first delta_close needs the previous close.
+                    lo, hi = max(start - 1, 0), min(start + TABLE_CHUNK_ROWS, len(ohlc))
+                    prices = _host_tensor(ohlc[lo:hi]).to(self.device, torch.float64)
+                    bars, first = scaled_bars(prices, stats)
+                    rows = slice(base + start, base + hi)
+                    table[rows], first_delta[rows] = bars[start - lo :], first[start - lo :]
+            self._tables = table, first_delta
+        return self._tables
 
     def future(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Labels of the forecast objective for windows ``ids`` (``horizons``, see
         :mod:`stage1.data.targets`): log realised volatility float32 ``[B, H]`` of the next
         ``h`` base bars after each anchor, and whether it is defined, bool ``[B, H]``."""
-        if not self.resident:
-            ids_host = ids.cpu().numpy()
-            base_open, base_ohlc = self.sampler.timeframe_bars(0)
-            end_rows = self.sampler.end_rows[ids_host, 0]
-            block_end = self.sampler.base_block_end(ids_host)
-            log_vol, _, valid = gathered_targets(
-                base_ohlc[:, CLOSE], base_open, end_rows, block_end, self.horizons, self.bar_ns
-            )
-            return log_vol.float().to(self.device), valid.to(self.device)
-        # On the device: the same rule on the resident tables (base rows come first).
+        if self._base_log_close is None:
+            close = self.sampler._ohlc[0][:, CLOSE]
+            self._base_log_close = _log(_host_tensor(np.ascontiguousarray(close)).to(self.device))
         row_end = self.block_end[torch.searchsorted(self.window_ends, ids, right=True)]
-        end = self.base_end_rows[ids]
+        end = self.end_rows[ids][:, 0].to(self.device)  # base rows come first in the row space
         rows = horizon_rows(end, row_end, max(self.horizons))
         log_vol, _, valid = horizon_targets(
-            _take_rows(self.table[:, CLOSE], rows),
+            _take_rows(self._base_log_close, rows),
             _take_rows(self.open_ns, rows),
             row_end - 1 - end,
             self.horizons,
@@ -162,74 +182,66 @@ class DeviceBatchBuilder:
         )
         return log_vol.float(), valid
 
-    def set_normalizer(self, normalizer: TFNormalizer | None) -> None:
-        """Use ``normalizer``'s statistics from now on (``None``: raw features)."""
-        self.normalizer = normalizer
-        shape = (len(self.timeframes), N_FEATURES)
-        if normalizer is None:
-            mean, std = torch.zeros(shape), torch.ones(shape)
-        else:
-            if list(normalizer.timeframes) != self.timeframes:
-                raise ValueError(
-                    f"normalizer is for timeframes {normalizer.timeframes}, the sampler has "
-                    f"{self.timeframes}"
-                )
-            mean, std = normalizer.mean, normalizer.std
-        self._stats = float64_stats(mean, std, self.device)
-
     def _as_ids(self, window_ids: npt.ArrayLike | torch.Tensor) -> torch.Tensor:
         if isinstance(window_ids, torch.Tensor):
             return window_ids.to(self.device, torch.int64)
         return torch.as_tensor(np.asarray(window_ids, dtype=np.int64), device=self.device)
 
+    def _end_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Global rows of every window's newest bar, int64 ``[B, n_tf]``."""
+        return self.end_rows[ids].to(self.device) + self.row_offsets
+
     def rows(self, window_ids: npt.ArrayLike | torch.Tensor) -> torch.Tensor:
-        """Global rows of every window's bars, int64 ``[B, n_tf, seq_len]`` (oldest → newest);
-        resident builders only."""
-        ids = self._as_ids(window_ids)
-        return self.end_rows[ids][..., None] - self.offsets
+        """Global rows of every window's bars, int64 ``[B, n_tf, seq_len]`` (oldest → newest)."""
+        return self._end_rows(self._as_ids(window_ids))[..., None] - self.offsets
 
-    def _stats_for(self, normalize: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
-        return self._stats if normalize and self.normalizer is not None else None
-
-    def _gathered(
-        self, ids: torch.Tensor, normalize: bool = True
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Features, open times and reference prices of ``ids`` from the sampler's own arrays
-        (not resident), on the device.
-
-        Built ``GATHER_CHUNK`` windows at a time: a chunk's prices and intermediates stay in
-        the CPU's cache through every pass over them (a whole batch's do not), ~15 % faster
-        there; the values are the same as building the batch in one go."""
+    def _raw_features(self, ids: torch.Tensor) -> torch.Tensor:
+        """Raw features of ``ids`` from their gathered prices, ``GATHER_CHUNK`` at a time."""
         ids_host = ids.cpu().numpy()
-        n_tf, length = len(self.timeframes), self.seq_len
-        features = torch.empty(len(ids_host), n_tf, length, N_FEATURES)
-        times = torch.empty(len(ids_host), n_tf, length, dtype=torch.int64)
-        ref_price = torch.empty(len(ids_host), dtype=torch.float64)
-        stats = self._stats_for(normalize)
-        if stats is not None:
-            stats = (stats[0].cpu(), stats[1].cpu())
+        features = torch.empty(len(ids_host), len(self.timeframes), self.seq_len, N_FEATURES)
         for start in range(0, len(ids_host), GATHER_CHUNK):
             part = slice(start, start + GATHER_CHUNK)
-            ohlc, open_ns = self.sampler.gather(ids_host[part])
-            prices = torch.from_numpy(ohlc)
-            price_window_features(prices, stats, out=features[part])
-            ref_price[part] = prices[:, 0, 0, OPEN]
-            times[part] = torch.from_numpy(open_ns)
-        return features.to(self.device), times.to(self.device), ref_price.to(self.device)
+            ohlc, _ = self.sampler.gather(ids_host[part])
+            price_window_features(torch.from_numpy(ohlc), out=features[part])
+        return features.to(self.device)
 
     def features(
         self, window_ids: npt.ArrayLike | torch.Tensor, normalize: bool = True
     ) -> torch.Tensor:
         """Features float32 ``[B, n_tf, seq_len, 6]``: z-scores, or raw with ``normalize=False``
         (the normaliser's fit) or without a normaliser."""
-        if not self.resident:
-            return self._gathered(self._as_ids(window_ids), normalize)[0]
-        return self._features(self.rows(window_ids), normalize)
+        ids = self._as_ids(window_ids)
+        if not normalize and self.normalizer is not None:
+            return self._raw_features(ids)
+        return self._features_and_times(ids)[0]
 
-    def _features(self, rows: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        bars = _take_rows(self.table, rows)  # [B, n_tf, L, 6] float64
-        first_intrabar = _take_rows(self.intrabar, rows[:, :, 0])
-        return window_features(bars, first_intrabar, self._stats_for(normalize))
+    def _features_and_times(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features and open times of ``ids`` from the tables; on the CPU ``GATHER_CHUNK``
+        windows at a time, so a chunk's rows stay in the cache through the passes over them
+        (~15 % faster there than the batch at once).
+
+        A window's bars are consecutive rows, so the gathers index views whose item ``i`` is
+        the ``seq_len`` rows from row ``i`` on: one index per window and timeframe, and each
+        copies whole runs of rows (~2x np.take of every row on the CPU)."""
+        table, first_delta = self.tables()
+        starts = self._end_rows(ids) - (self.seq_len - 1)  # [B, n_tf], global rows
+        n_tf, length = len(self.timeframes), self.seq_len
+        n_runs = max(len(table) - length + 1, 0)
+        table_runs = table.as_strided((n_runs, length, N_FEATURES), (N_FEATURES, N_FEATURES, 1))
+        time_runs = self.open_ns.as_strided((n_runs, length), (1, 1))
+        features = torch.empty(len(ids), n_tf, length, N_FEATURES, device=self.device)
+        times = torch.empty(len(ids), n_tf, length, dtype=torch.int64, device=self.device)
+        step = GATHER_CHUNK if self.device.type == "cpu" else max(len(ids), 1)
+        for start in range(0, len(ids), step):
+            part = slice(start, start + step)
+            first_rows = starts[part]
+            flat = first_rows.reshape(-1)
+            bars = table_runs.index_select(0, flat).view(-1, n_tf, length, N_FEATURES)
+            log_ref = _log(_take_rows(self.base_open, first_rows[:, 0]))  # base rows first
+            first = _take_rows(first_delta, first_rows)
+            scaled_windows(bars, first, log_ref, self._scale, out=features[part])
+            torch.index_select(time_runs, 0, flat, out=times[part].view(-1, length))
+        return features, times
 
     def batch(self, window_ids: npt.ArrayLike | torch.Tensor) -> Batch:
         """The training batch of ``window_ids`` (see :mod:`stage1.data.dataset`): ``features``
@@ -238,19 +250,13 @@ class DeviceBatchBuilder:
         with ``horizons`` also the forecast labels ``future_log_vol``/``future_valid`` ``[B, H]``
         (:meth:`future`; labels only, never model input)."""
         ids = self._as_ids(window_ids)
-        if self.resident:
-            rows = self.rows(ids)
-            features = self._features(rows)
-            times = _take_rows(self.open_ns, rows)
-            first_base_row = self.base_end_rows[ids] - (self.seq_len - 1)
-            ref_price = _take_rows(self.base_open, first_base_row)
-        else:
-            features, times, ref_price = self._gathered(ids)
+        features, times = self._features_and_times(ids)
+        first_base_row = self.end_rows[ids][:, 0].to(self.device) - (self.seq_len - 1)
         batch = {
             "features": features,
             "targets": features.clone(),
             "times": times,
-            "ref_price": ref_price,
+            "ref_price": _take_rows(self.base_open, first_base_row),
             "window_ids": ids,
         }
         if self.horizons:

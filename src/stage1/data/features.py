@@ -44,57 +44,82 @@ def _body_ratio(ohlc: torch.Tensor, out: torch.Tensor | None = None) -> torch.Te
     return torch.div(ohlc[..., CLOSE] - ohlc[..., OPEN], bar_range, out=out)
 
 
-def bar_table(ohlc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-bar float64 table ``[rows, 6]`` (log open/high/low/close, delta_close, body_ratio)
-    and ``log(close / open)`` ``[rows]``, from float64 prices ``[rows, 4]`` on any device.
+def scaled_bars(
+    ohlc: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-bar terms of the z-scores, from float64 prices ``[..., n, 4]`` (bars in time order
+    along ``n``) on any device; ``stats``: float64 ``(mean, 1 / std)`` broadcastable to
+    ``[..., n, 6]`` (e.g. ``[6]`` for one timeframe's bars, ``[n_tf, 1, 6]`` for windows), or
+    ``None`` for raw features.
 
-    ``delta_close`` of a row is ``log(close) - log(previous row's close)`` (row 0: its own
-    ``log(close / open)``); windows replace their first bar's with ``log(close / open)``."""
-    table = torch.empty(len(ohlc), N_FEATURES, dtype=torch.float64, device=ohlc.device)
+    Returns float64 ``bars [..., n, 6]``: the price columns as ``log p / std - mean / std``
+    (a window's z-score is that minus ``log ref / std``, :func:`scaled_windows`),
+    ``delta_close`` (log close minus the previous bar's; bar 0: its own ``log(close / open)``)
+    and ``body_ratio`` as z-scores; and ``first_delta [..., n]``, the ``delta_close`` z-score of
+    ``log(close / open)``, which a window's first bar gets. Every value is elementwise in the
+    bar and its predecessor, so rows of a whole series (the batch builder's tables) and the
+    same bars cut into windows give the same bits."""
     log_p = _log(ohlc)
-    table[:, : CLOSE + 1] = log_p
-    intrabar = log_p[:, CLOSE] - log_p[:, OPEN]
-    torch.sub(log_p[1:, CLOSE], log_p[:-1, CLOSE], out=table[1:, DELTA_CLOSE])
-    table[:1, DELTA_CLOSE] = intrabar[:1]
-    _body_ratio(ohlc, out=table[:, BODY_RATIO])
-    return table, intrabar
+    bars = torch.empty(*ohlc.shape[:-1], N_FEATURES, dtype=torch.float64, device=ohlc.device)
+    bars[..., : CLOSE + 1] = log_p
+    close = log_p[..., CLOSE]
+    first_delta = close - log_p[..., OPEN]
+    torch.sub(close[..., 1:], close[..., :-1], out=bars[..., 1:, DELTA_CLOSE])
+    bars[..., 0, DELTA_CLOSE] = first_delta[..., 0]
+    _body_ratio(ohlc, out=bars[..., BODY_RATIO])
+    if stats is not None:
+        mean, inv_std = stats
+        shift = -mean * inv_std
+        bars.mul_(inv_std).add_(shift)
+        first_delta.mul_(inv_std[..., DELTA_CLOSE]).add_(shift[..., DELTA_CLOSE])
+    return bars, first_delta
 
 
-def window_features(
+def price_scale(
+    stats: tuple[torch.Tensor, torch.Tensor] | None,
+    n_tf: int,
+    length: int,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """float64 ``[n_tf, length, 6]``: ``-1 / std`` in the price columns (``-1`` for raw
+    features), 0 in the others; what :func:`scaled_windows` multiplies ``log ref`` by. Full
+    size, so that pass runs vectorised (a ``[n_tf, 1, 6]`` broadcast runs 6 elements at a
+    time)."""
+    scale = torch.zeros(n_tf, length, N_FEATURES, dtype=torch.float64, device=device)
+    inv_std = torch.ones(n_tf, 1, CLOSE + 1, dtype=torch.float64, device=device)
+    if stats is not None:
+        inv_std = stats[1][..., : CLOSE + 1].to(device)
+    scale[..., : CLOSE + 1] = -inv_std
+    return scale
+
+
+def scaled_windows(
     bars: torch.Tensor,
-    first_intrabar: torch.Tensor,
-    stats: tuple[torch.Tensor, torch.Tensor] | None = None,
-    relative: bool = False,
+    first_delta: torch.Tensor,
+    log_ref: torch.Tensor,
+    scale: torch.Tensor,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Features of windows from their bars' :func:`bar_table` rows (overwritten in place).
+    """Features of windows from their bars' :func:`scaled_bars` values.
 
-    bars: float64 ``[B, n_tf, L, 6]``, contiguous; first_intrabar: float64 ``[B, n_tf]``,
-    ``log(close / open)`` of each timeframe's first bar; stats: float64 ``(mean, 1 / std)``,
-    each ``[n_tf, 1, 6]``, or ``None`` for raw features; ``relative``: the price columns
-    already hold ``log p - log ref``. Returns float32 ``[B, n_tf, L, 6]``: the price features
-    ``log p - log ref`` (a difference of float64 logs, exact even for nearby prices),
-    z-scored in float64 and rounded to float32 once (into ``out`` when given).
+    bars: float64 ``[B, n_tf, L, 6]``, contiguous (its first bars' ``delta_close`` is
+    overwritten); first_delta: float64 ``[B, n_tf]``, the ``first_delta`` of each timeframe's
+    first bar; log_ref: float64 ``[B]``, ``log`` of the reference price; scale:
+    :func:`price_scale`. Returns float32 ``[B, n_tf, L, 6]`` (into ``out`` when given): the
+    price features ``(log p - log ref - mean) / std`` as ``bars - log ref / std`` (float64
+    throughout: the two terms are large and nearly equal, their difference keeps ~1e-12 z
+    units), rounded to float32 once (in place in float64, then one cast: both passes run
+    vectorised; writing float32 straight from float64 operands does not).
     """
-    bars[:, :, 0, DELTA_CLOSE] = first_intrabar
-    if not relative:
-        bars[..., : CLOSE + 1] -= bars[:, :1, :1, OPEN : OPEN + 1].clone()
-    if stats is not None:
-        # z = x / std - mean / std in one pass, with per (timeframe, position, feature)
-        # statistics: contiguous with the bars' last three dims, so the pass runs vectorised
-        # (a [n_tf, 1, 6] broadcast would run 6 elements at a time).
-        mean, inv_std = stats
-        length = bars.shape[2]
-        inv_full = inv_std.expand(-1, length, -1).contiguous()
-        shift = (-mean * inv_std).expand(-1, length, -1).contiguous()
-        torch.addcmul(shift, bars, inv_full, out=bars)
+    bars[:, :, 0, DELTA_CLOSE] = first_delta
+    torch.addcmul(bars, log_ref[:, None, None, None], scale, out=bars)
     return bars.float() if out is None else out.copy_(bars)
 
 
 def float64_stats(
     mean: torch.Tensor, std: torch.Tensor, device: torch.device | str = "cpu"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(mean, 1 / std)`` float64 ``[n_tf, 1, 6]`` on ``device`` for :func:`window_features`."""
+    """``(mean, 1 / std)`` float64 ``[n_tf, 1, 6]`` on ``device`` for :func:`scaled_bars`."""
     mean64 = mean.to(device, torch.float64)[:, None, :]
     return mean64, 1.0 / std.to(device, torch.float64)[:, None, :]
 
@@ -126,21 +151,16 @@ def price_window_features(
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Features float32 ``[..., n_tf, L, 6]`` of float64 price windows ``[..., n_tf, L, 4]``:
-    the :func:`bar_table` values of every bar, then :func:`window_features` (z-scores with
-    ``stats`` from :func:`float64_stats`, else raw). The same values as gathering rows of the
-    whole series' table (every per-bar quantity is elementwise; the one cross-bar value, a
-    window's first ``delta_close``, is its intrabar move either way). ``out``: a float32
-    ``[B, n_tf, L, 6]`` tensor to write into."""
+    :func:`scaled_bars` of the windows' bars, then :func:`scaled_windows` (z-scores with
+    ``stats`` from :func:`float64_stats`, else raw). The same bits as the batch builder's,
+    which takes the same per-bar values from tables of the whole series (the one cross-bar
+    value, a window's first ``delta_close``, is its intrabar move either way). ``out``: a
+    float32 ``[B, n_tf, L, 6]`` tensor to write into."""
     windows = prices.reshape(-1, *prices.shape[-3:])  # [B, n_tf, L, 4]
-    log_p = _log(windows)
-    close = log_p[..., CLOSE]
-    bars = torch.empty(*windows.shape[:-1], N_FEATURES, dtype=torch.float64, device=prices.device)
-    torch.sub(close[..., 1:], close[..., :-1], out=bars[..., 1:, DELTA_CLOSE])
-    first_intrabar = close[..., 0] - log_p[..., 0, OPEN]
-    # log p - log ref here, on contiguous values (the same elementwise result as in the bars)
-    bars[..., : CLOSE + 1] = log_p.sub_(log_p[:, :1, :1, OPEN : OPEN + 1].clone())
-    _body_ratio(windows, out=bars[..., BODY_RATIO])
-    features = window_features(bars, first_intrabar, stats, relative=True, out=out)
+    bars, first_delta = scaled_bars(windows, stats)
+    log_ref = _log(windows[:, 0, 0, OPEN].contiguous())
+    scale = price_scale(stats, windows.shape[1], windows.shape[2], windows.device)
+    features = scaled_windows(bars, first_delta[..., 0], log_ref, scale, out=out)
     return features.view(*prices.shape[:-1], N_FEATURES)
 
 
