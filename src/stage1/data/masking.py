@@ -174,38 +174,56 @@ class MaskingStrategy:
     def _sync(self, masks: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
         """Hide every coarser bar that overlaps a hidden finer bar (bars are [open, open + d)).
 
-        A coarse bar can only overlap a finer window's bars if it closes after that window's
-        oldest open; windows end at one anchor, so those are each coarse window's newest bars.
-        On the CPU (``read_back_devices``) only the newest positions that this holds for in
-        some window of the batch are searched (where they start is read back, free there):
-        about a fifth of the work for the usual timeframes, and the same result, since older
-        positions overlap no finer bar. Other devices search every position.
+        Fine timeframes in order: once timeframe ``k``'s masks are final (every finer one has
+        added to them), one search over its opens finds, for every coarser position it can
+        touch, the fine bars overlapping it; those with a hidden one are hidden. A coarse bar
+        can only overlap a finer window's bars if it closes after that window's oldest open;
+        windows end at one anchor, so those are each coarse window's newest positions. On the
+        CPU (``read_back_devices``) only the newest positions that this holds for in some
+        window of the batch are searched (where they start is read back, free there): about a
+        fifth of the work for the usual timeframes, and the same result, since older positions
+        overlap no finer bar. Other devices search every position.
         """
         masks = masks.clone()
-        length = masks.shape[-1]
+        batch, n_tf, length = masks.shape
+        if batch == 0:
+            return masks
         narrow = masks.device.type in self.read_back_devices
-        zero = torch.zeros(masks.shape[0], 1, dtype=torch.long, device=masks.device)
-        # hidden_before[k][:, i]: hidden bars of timeframe k before position i (final masks).
-        hidden_before = [torch.cat([zero, masks[:, 0].long().cumsum(-1)], -1)]
-        opens = [times[:, k].contiguous() for k in range(times.shape[1])]
-        for j in range(1, masks.shape[1]):
-            d_j = self.tf_durations_ns[j]
-            for k in range(j):
-                d_k = self.tf_durations_ns[k]
-                coarse, start = opens[j], 0
-                if narrow:  # the oldest position whose bar closes after some fine window opens
-                    reach = opens[k][:, :1] - d_j
-                    start = int(torch.searchsorted(coarse, reach, right=True).min())
-                    if start == length:
-                        continue
-                    coarse = coarse[:, start:].contiguous()
-                # Fine bars overlapping the coarse bar [o, o + d_j): open in (o - d_k, o + d_j).
-                lo = torch.searchsorted(opens[k], coarse - d_k, right=True)
-                hi = torch.searchsorted(opens[k], coarse + d_j)
-                counts = hidden_before[k].gather(-1, hi) - hidden_before[k].gather(-1, lo)
-                masks[:, j, start:] |= counts > 0
-            hidden_before.append(torch.cat([zero, masks[:, j].long().cumsum(-1)], -1))
+        starts = self._overlap_starts(times) if narrow else [[0] * n_tf] * n_tf
+        zero = torch.zeros(batch, 1, dtype=torch.long, device=masks.device)
+        for k in range(n_tf - 1):
+            coarse = [j for j in range(k + 1, n_tf) if starts[k][j] < length]
+            if not coarse:
+                continue
+            d_k = self.tf_durations_ns[k]
+            opens = [times[:, j, starts[k][j] :] for j in coarse]
+            # Fine bars overlapping the coarse bar [o, o + d_j): open in (o - d_k, o + d_j),
+            # rows [lo, hi) with lo = #(opens < o - d_k + 1) and hi = #(opens < o + d_j).
+            bounds = [o + (1 - d_k) for o in opens]
+            bounds += [o + self.tf_durations_ns[j] for o, j in zip(opens, coarse, strict=True)]
+            rows = torch.searchsorted(times[:, k].contiguous(), torch.cat(bounds, -1))
+            hidden_before = torch.cat([zero, masks[:, k].long().cumsum(-1)], -1)
+            counts = hidden_before.gather(-1, rows)
+            width = rows.shape[1] // 2
+            hit = counts[:, width:] > counts[:, :width]
+            first = 0
+            for o, j in zip(opens, coarse, strict=True):
+                n = o.shape[1]
+                masks[:, j, starts[k][j] :] |= hit[:, first : first + n]
+                first += n
         return masks
+
+    def _overlap_starts(self, times: torch.Tensor) -> list[list[int]]:
+        """``starts[k][j]``: the oldest position of timeframe ``j`` whose bar, in some window of
+        the batch, closes after that window's oldest bar of timeframe ``k`` opens (one search,
+        read back)."""
+        n_tf = times.shape[1]
+        durations = torch.tensor(self.tf_durations_ns, device=times.device)
+        oldest = times[:, :, 0].contiguous()  # [B, k]
+        reach = oldest[:, None, :] - durations[None, :, None]  # [B, j, k]
+        starts = torch.searchsorted(times, reach, right=True).amin(0)  # [j, k]
+        table = starts.T.tolist()
+        return [[int(table[k][j]) for j in range(n_tf)] for k in range(n_tf)]
 
 
 def evaluation_masking(
