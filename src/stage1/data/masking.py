@@ -86,13 +86,14 @@ class MaskingStrategy:
     read_back_devices: tuple[str, ...] = ("cpu",)
 
     def _constants(self, device: torch.device) -> tuple[torch.Tensor, ...]:
-        """``first_maskable``, ``max_hidden`` and ``span_scale`` on ``device``, made once: a
+        """``first_maskable``, ``max_hidden``, ``span_scale`` and the durations on ``device``, made once: a
         copy from a host list to a GPU would wait for the GPU's queue at every batch."""
         if device not in self._device_constants:
             self._device_constants[device] = (
                 torch.tensor(self.first_maskable, device=device),
                 torch.tensor(self.max_hidden, device=device),
                 torch.tensor(self.span_scale, dtype=torch.float64, device=device)[:, None],
+                torch.tensor(self.tf_durations_ns, device=device)[:, None],
             )
         return self._device_constants[device]
 
@@ -127,7 +128,7 @@ class MaskingStrategy:
         def rand(*shape: int) -> torch.Tensor:
             return torch.rand(shape, generator=generator, device=device)
 
-        first, cap, scale = self._constants(device)  # [n_tf], [n_tf], [n_tf, 1]
+        first, cap, scale, _ = self._constants(device)  # [n_tf], [n_tf], [n_tf, 1]
         target = self.mask_ratio * length
         n_hidden = (math.floor(target) + (rand(batch, n_tf) < target % 1).long()).clamp(min=1)
         n_hidden = torch.minimum(n_hidden, cap)  # [B, n_tf]
@@ -190,25 +191,29 @@ class MaskingStrategy:
             return masks
         narrow = masks.device.type in self.read_back_devices
         starts = self._overlap_starts(times) if narrow else [[0] * n_tf] * n_tf
-        zero = torch.zeros(batch, 1, dtype=torch.long, device=masks.device)
+        durations = self._constants(masks.device)[3]  # [n_tf, 1]
+        ends = times + durations  # [B, n_tf, L]: each bar's close, the hi queries
+        before = torch.zeros(batch, length + 1, dtype=torch.long, device=masks.device)
         for k in range(n_tf - 1):
             coarse = [j for j in range(k + 1, n_tf) if starts[k][j] < length]
             if not coarse:
                 continue
-            d_k = self.tf_durations_ns[k]
-            opens = [times[:, j, starts[k][j] :] for j in coarse]
             # Fine bars overlapping the coarse bar [o, o + d_j): open in (o - d_k, o + d_j),
             # rows [lo, hi) with lo = #(opens < o - d_k + 1) and hi = #(opens < o + d_j).
-            bounds = [o + (1 - d_k) for o in opens]
-            bounds += [o + self.tf_durations_ns[j] for o, j in zip(opens, coarse, strict=True)]
-            rows = torch.searchsorted(times[:, k].contiguous(), torch.cat(bounds, -1))
-            hidden_before = torch.cat([zero, masks[:, k].long().cumsum(-1)], -1)
-            counts = hidden_before.gather(-1, rows)
-            width = rows.shape[1] // 2
+            bounds = torch.cat(
+                [times[:, j, starts[k][j] :] for j in coarse]
+                + [ends[:, j, starts[k][j] :] for j in coarse],
+                -1,
+            )
+            width = bounds.shape[1] // 2
+            bounds[:, :width] += 1 - self.tf_durations_ns[k]
+            rows = torch.searchsorted(times[:, k].contiguous(), bounds)
+            torch.cumsum(masks[:, k], -1, out=before[:, 1:])  # hidden bars before each row
+            counts = before.gather(-1, rows)
             hit = counts[:, width:] > counts[:, :width]
             first = 0
-            for o, j in zip(opens, coarse, strict=True):
-                n = o.shape[1]
+            for j in coarse:
+                n = length - starts[k][j]
                 masks[:, j, starts[k][j] :] |= hit[:, first : first + n]
                 first += n
         return masks
@@ -218,9 +223,9 @@ class MaskingStrategy:
         the batch, closes after that window's oldest bar of timeframe ``k`` opens (one search,
         read back)."""
         n_tf = times.shape[1]
-        durations = torch.tensor(self.tf_durations_ns, device=times.device)
+        durations = self._constants(times.device)[3]  # [n_tf, 1]
         oldest = times[:, :, 0].contiguous()  # [B, k]
-        reach = oldest[:, None, :] - durations[None, :, None]  # [B, j, k]
+        reach = oldest[:, None, :] - durations[None]  # [B, j, k]
         starts = torch.searchsorted(times, reach, right=True).amin(0)  # [j, k]
         table = starts.T.tolist()
         return [[int(table[k][j]) for j in range(n_tf)] for k in range(n_tf)]
