@@ -90,8 +90,8 @@ class MaskingStrategy:
         copy from a host list to a GPU would wait for the GPU's queue at every batch."""
         if device not in self._device_constants:
             self._device_constants[device] = (
-                torch.tensor(self.first_maskable, device=device),
-                torch.tensor(self.max_hidden, device=device),
+                torch.tensor(self.first_maskable, dtype=torch.int32, device=device),
+                torch.tensor(self.max_hidden, dtype=torch.int32, device=device),
                 torch.tensor(self.span_scale, dtype=torch.float64, device=device)[:, None],
                 torch.tensor(self.tf_durations_ns, device=device)[:, None],
             )
@@ -128,45 +128,52 @@ class MaskingStrategy:
         def rand(*shape: int) -> torch.Tensor:
             return torch.rand(shape, generator=generator, device=device)
 
+        # Counts and positions in int32 (all < 2 * seq_len): the ~40 small ops of the draw are
+        # memory-bound on the CPU, half the bytes of int64 (scatter indices must be int64).
         first, cap, scale, _ = self._constants(device)  # [n_tf], [n_tf], [n_tf, 1]
         target = self.mask_ratio * length
-        n_hidden = (math.floor(target) + (rand(batch, n_tf) < target % 1).long()).clamp(min=1)
+        n_hidden = (math.floor(target) + (rand(batch, n_tf) < target % 1).int()).clamp(min=1)
         n_hidden = torch.minimum(n_hidden, cap)  # [B, n_tf]
 
         # Span lengths in each timeframe's bars; K spans always cover the budget (each >= 1).
         n_spans = max(self.max_hidden)
         base_len = (
             self.span_min_bars
-            + (rand(batch, n_tf, n_spans) * (self.span_max_bars - self.span_min_bars + 1)).long()
+            + (rand(batch, n_tf, n_spans) * (self.span_max_bars - self.span_min_bars + 1)).int()
         )
-        span = torch.round(base_len * scale).long().clamp(min=1)
-        before = span.cumsum(-1) - span
+        span = torch.round(base_len * scale).int().clamp(min=1)
+        before = span.cumsum(-1, dtype=torch.int32) - span
         span = torch.minimum(span, n_hidden[..., None] - before).clamp(min=0)
         # Shuffle so that the clipped (shorter) span is not always the newest one.
         span = span.gather(-1, rand(batch, n_tf, n_spans).argsort(-1))
 
         # Place the spans in order with random free gaps: sorted uniform cut points of the free
         # bars; one separating bar between spans keeps them apart when there is room.
-        is_span = (span > 0).long()
-        n_real = is_span.sum(-1)
+        is_span = (span > 0).int()
+        n_real = is_span.sum(-1, dtype=torch.int32)
         room = length - first - n_hidden  # [B, n_tf], >= 0
-        sep = (room - (n_real - 1) >= 0).long()
+        sep = (room - (n_real - 1) >= 0).int()
         free = room - sep * (n_real - 1)
-        gaps = (rand(batch, n_tf, n_spans) * (free[..., None] + 1)).long().sort(-1).values
+        gaps = (rand(batch, n_tf, n_spans) * (free[..., None] + 1)).int().sort(-1).values
         edge_ratio = self.right_edge_ratio if right_edge is None else float(right_edge)
         if edge_ratio > 0:
             # The newest real span ends at the newest bar when every gap from it on is maximal.
-            slot = torch.arange(n_spans, device=device)
+            slot = torch.arange(n_spans, device=device, dtype=torch.int32)
             newest = torch.where(span > 0, slot, -1).amax(-1, keepdim=True)
             force = (rand(batch, n_tf) < edge_ratio)[..., None] & (slot >= newest)
             gaps = torch.where(force, free[..., None], gaps)
-        spans_before = is_span.cumsum(-1) - is_span
-        start = first[:, None] + gaps + (span.cumsum(-1) - span) + sep[..., None] * spans_before
+        spans_before = is_span.cumsum(-1, dtype=torch.int32) - is_span
+        start = (
+            first[:, None]
+            + gaps
+            + (span.cumsum(-1, dtype=torch.int32) - span)
+            + sep[..., None] * spans_before
+        )
         start = start.clamp(max=length)
-        edges = torch.zeros(batch, n_tf, length + 1, dtype=torch.long, device=device)
-        edges.scatter_add_(-1, start, is_span)
-        edges.scatter_add_(-1, (start + span).clamp(max=length), -is_span)
-        masks = edges.cumsum(-1)[..., :length] > 0
+        edges = torch.zeros(batch, n_tf, length + 1, dtype=torch.int32, device=device)
+        edges.scatter_add_(-1, start.long(), is_span)
+        edges.scatter_add_(-1, (start + span).clamp(max=length).long(), -is_span)
+        masks = edges.cumsum(-1, dtype=torch.int32)[..., :length] > 0
 
         if self.sync_tf if sync is None else sync:
             masks = self._sync(masks, times)
