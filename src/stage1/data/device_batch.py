@@ -109,6 +109,7 @@ class DeviceBatchBuilder:
         self.offsets = torch.arange(self.seq_len - 1, -1, -1, device=self.device)  # old → new
         counts = [len(times) for times in sampler._open_ns]
         offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        self._first_row = [int(o) for o in offsets]  # host ints: the table build reads none back
         self.row_offsets = torch.from_numpy(offsets).to(self.device)
         self.open_ns = torch.cat([_host_tensor(t).to(self.device) for t in sampler._open_ns])
         base_open = np.ascontiguousarray(sampler._ohlc[0][:, OPEN], dtype=np.float64)
@@ -149,7 +150,7 @@ class DeviceBatchBuilder:
                 stats = (
                     None if self._stats is None else (self._stats[0][k, 0], self._stats[1][k, 0])
                 )
-                base = int(self.row_offsets[k])
+                base = self._first_row[k]
                 for start in range(0, len(ohlc), TABLE_CHUNK_ROWS):
                     # One row of overlap: a chunk's first delta_close needs the previous close.
                     lo, hi = max(start - 1, 0), min(start + TABLE_CHUNK_ROWS, len(ohlc))
