@@ -24,6 +24,7 @@ first bar, so a block boundary never enters a window's features.
 
 from __future__ import annotations
 
+import threading
 import warnings
 from collections.abc import Sequence
 
@@ -121,6 +122,7 @@ class DeviceBatchBuilder:
         self.block_end = _host_tensor(sampler.block_starts[1:, 0]).to(self.device, torch.int64)
         self._base_log_close: torch.Tensor | None = None
         self._tables: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._scratch = threading.local()  # per thread: the gathered rows of a chunk
         self.set_normalizer(normalizer)
 
     def set_normalizer(self, normalizer: TFNormalizer | None) -> None:
@@ -243,12 +245,26 @@ class DeviceBatchBuilder:
             part = slice(start, start + step)
             first_rows = starts[part]
             flat = first_rows.reshape(-1)
-            bars = table_runs.index_select(0, flat).view(-1, n_tf, length, N_FEATURES)
+            bars = torch.index_select(table_runs, 0, flat, out=self._rows_buffer(len(flat)))
+            bars = bars.view(-1, n_tf, length, N_FEATURES)
             log_ref = _log(_take_rows(self.base_open, first_rows[:, 0]))  # base rows first
             first = _take_rows(first_delta, first_rows)
             scaled_windows(bars, first, log_ref, self._scale, out=features[part])
             torch.index_select(time_runs, 0, flat, out=times[part].view(-1, length))
         return features, times
+
+    def _rows_buffer(self, n: int) -> torch.Tensor:
+        """float64 ``[n, seq_len, 6]`` scratch for a chunk's gathered rows, reused: a fresh
+        3.5 MB per chunk costs page faults and cache misses on the CPU (the training sequence,
+        batch then masks: 5-8 % more windows/s in an A/B). Per thread, so builders stay safe to
+        share between threads."""
+        buffer = getattr(self._scratch, "rows", None)
+        if buffer is None or len(buffer) < n:
+            buffer = torch.empty(
+                n, self.seq_len, N_FEATURES, dtype=torch.float64, device=self.device
+            )
+            self._scratch.rows = buffer
+        return buffer[:n]
 
     def batch(self, window_ids: npt.ArrayLike | torch.Tensor) -> Batch:
         """The training batch of ``window_ids`` (see :mod:`stage1.data.dataset`): ``features``
