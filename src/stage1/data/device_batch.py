@@ -88,9 +88,9 @@ class DeviceBatchBuilder:
     timeframes.
 
     The table depends on the statistics: it is built on the first batch after
-    ``set_normalizer`` (about a second per 4 M bars on the CPU). Without a ``normalizer``
-    batches hold raw features. ``features(ids, normalize=False)`` (the normaliser's fit) needs
-    no table: it gathers the windows' prices (:func:`~stage1.data.features.
+    ``set_normalizer`` (about 0.3 s per 4 M bars on the CPU). Without a ``normalizer``
+    batches hold raw features. Raw ``features`` (``normalize=False`` or no normaliser: the
+    normaliser's fit) need no table: they come from the windows' gathered prices (:func:`~stage1.data.features.
     price_window_features`, the same values).
     """
 
@@ -163,15 +163,20 @@ class DeviceBatchBuilder:
             self._tables = table, first_delta
         return self._tables
 
-    def future(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def future(
+        self, ids: torch.Tensor, starts: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Labels of the forecast objective for windows ``ids`` (``horizons``, see
         :mod:`stage1.data.targets`): log realised volatility float32 ``[B, H]`` of the next
-        ``h`` base bars after each anchor, and whether it is defined, bool ``[B, H]``."""
+        ``h`` base bars after each anchor, and whether it is defined, bool ``[B, H]``.
+        ``starts``: the windows' oldest rows (:meth:`_first_rows`), when already at hand."""
+        if starts is None:
+            starts = self._first_rows(ids)
         if self._base_log_close is None:
             close = self.sampler._ohlc[0][:, CLOSE]
             self._base_log_close = _log(_host_tensor(np.ascontiguousarray(close)).to(self.device))
         row_end = self.block_end[torch.searchsorted(self.window_ends, ids, right=True)]
-        end = self._end_rows(ids)[:, 0]  # base rows come first in the row space
+        end = starts[:, 0] + (self.seq_len - 1)  # base rows come first in the row space
         rows = horizon_rows(end, row_end, max(self.horizons))
         log_vol, _, valid = horizon_targets(
             _take_rows(self._base_log_close, rows),
@@ -219,7 +224,7 @@ class DeviceBatchBuilder:
         """Features float32 ``[B, n_tf, seq_len, 6]``: z-scores, or raw with ``normalize=False``
         (the normaliser's fit) or without a normaliser."""
         ids = self._as_ids(window_ids)
-        if not normalize and self.normalizer is not None:
+        if not normalize or self.normalizer is None:  # raw: no table needed (the fit)
             return self._raw_features(ids)
         return self._features_and_times(self._first_rows(ids))[0]
 
@@ -292,5 +297,5 @@ class DeviceBatchBuilder:
             "window_ids": ids,
         }
         if self.horizons:
-            batch["future_log_vol"], batch["future_valid"] = self.future(ids)
+            batch["future_log_vol"], batch["future_valid"] = self.future(ids, starts)
         return batch

@@ -86,8 +86,8 @@ class MaskingStrategy:
     read_back_devices: tuple[str, ...] = ("cpu",)
 
     def _constants(self, device: torch.device) -> tuple[torch.Tensor, ...]:
-        """``first_maskable``, ``max_hidden``, ``span_scale`` and the durations on ``device``, made once: a
-        copy from a host list to a GPU would wait for the GPU's queue at every batch."""
+        """``first_maskable``, ``max_hidden``, ``span_scale`` and the durations on ``device``,
+        made once: a copy from a host list to a GPU would wait for its queue at every batch."""
         if device not in self._device_constants:
             self._device_constants[device] = (
                 torch.tensor(self.first_maskable, dtype=torch.int32, device=device),
@@ -229,13 +229,11 @@ class MaskingStrategy:
         """``starts[k][j]``: the oldest position of timeframe ``j`` whose bar, in some window of
         the batch, closes after that window's oldest bar of timeframe ``k`` opens (one search,
         read back)."""
-        n_tf = times.shape[1]
         durations = self._constants(times.device)[3]  # [n_tf, 1]
         oldest = times[:, :, 0].contiguous()  # [B, k]
         reach = oldest[:, None, :] - durations[None]  # [B, j, k]
         starts = torch.searchsorted(times, reach, right=True).amin(0)  # [j, k]
-        table = starts.T.tolist()
-        return [[int(table[k][j]) for j in range(n_tf)] for k in range(n_tf)]
+        return starts.T.tolist()
 
 
 def evaluation_masking(
