@@ -90,8 +90,8 @@ class DeviceBatchBuilder:
     The table depends on the statistics: it is built on the first batch after
     ``set_normalizer`` (about 0.3 s per 4 M bars on the CPU). Without a ``normalizer``
     batches hold raw features. Raw ``features`` (``normalize=False`` or no normaliser: the
-    normaliser's fit) need no table: they come from the windows' gathered prices (:func:`~stage1.data.features.
-    price_window_features`, the same values).
+    normaliser's fit) need no table: they come from the windows' gathered prices
+    (:func:`~stage1.data.features.price_window_features`, the same values).
     """
 
     def __init__(
