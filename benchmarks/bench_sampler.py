@@ -142,7 +142,7 @@ def bench_assembly(data_dir: Path, cache_dir: Path, args: argparse.Namespace) ->
     assert dm.sampler is not None
     setup_s = time.perf_counter() - start
     print(f"datamodule setup (load, cached index, splits, normaliser fit): {setup_s:.1f} s")
-    masking = MaskingStrategy(config.masking, dm.sampler.timeframes, args.seq_len)
+    masking = dm.datasets["train"].masking  # what training draws (nesting known)
     default_threads = torch.get_num_threads()
     print(f"batch assembly (batch {args.batch_size}, gather + features + normalise + masks, one")
     print("process; target >= 100 000 windows/s and >= 1.5 x the NumPy path), median of")
@@ -177,7 +177,7 @@ def rss_child(data_dir: Path, seq_len: int, batch_size: int) -> None:
     dm = Stage1DataModule(data_dir, bench_config(seq_len, batch_size, None))
     dm.setup()
     assert dm.sampler is not None
-    masking = MaskingStrategy(dm.config.masking, dm.sampler.timeframes, seq_len)
+    masking = dm.datasets["train"].masking
     n_windows = 0
     for loader in (dm.train_dataloader(), dm.val_dataloader(), dm.test_dataloader()):
         for ids in loader:

@@ -35,7 +35,6 @@ import torch
 from stage1.config import load_config
 from stage1.data.dataset import Stage1DataModule, build_sampler
 from stage1.data.io import aggregate_bars, write_bars
-from stage1.data.masking import MaskingStrategy
 from stage1.data.synthetic import START, generate_m1
 
 TIMEFRAMES = ["m1", "m5", "m15", "m30", "h1", "h4"]
@@ -104,7 +103,7 @@ def child(root: Path, cache_dir: Path, instruments: list[str] | None, batches: i
     result["after_setup"] = memory_mib()
     del sampler
     assert dm.sampler is not None
-    masking = MaskingStrategy(dm.config.masking, dm.sampler.timeframes, dm.sampler.seq_len)
+    masking = dm.datasets["train"].masking  # what training draws (nesting known)
     peak_anon, n_windows = 0.0, 0
     start = time.perf_counter()
     loader = iter(dm.train_dataloader())

@@ -100,6 +100,13 @@ class Stage1LightningModule(L.LightningModule):
         self._nonfinite: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._batches_unchecked = 0
 
+    def setup(self, stage: str) -> None:
+        """The masks learn from the data module whether its timeframes nest (same masks, fewer
+        searches; ``MaskingStrategy`` doc). Without a data module they assume nothing."""
+        sampler = getattr(getattr(self.trainer, "datamodule", None), "sampler", None)
+        nested = bool(sampler is not None and sampler.timeframes_nest)
+        self.masking.nested_timeframes = self.eval_masking.nested_timeframes = nested
+
     def forward(
         self, features: torch.Tensor, masks: torch.Tensor, times: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:

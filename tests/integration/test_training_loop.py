@@ -296,6 +296,18 @@ def test_a_diverging_run_stops_naming_the_first_non_finite_step(
     assert not list(tmp_path.glob("checkpoints/*.ckpt"))
 
 
+def test_the_module_masks_know_when_the_data_timeframes_nest(
+    synthetic_data_dir: Path, tmp_path: Path
+) -> None:
+    """Fitting with a data module tells the masks its timeframes nest (the sync's shortcut)."""
+    config = load_config("test", [*SPLITS, "training.max_steps=1", "training.limit_val_batches=0"])
+    datamodule, module = diverging_module(synthetic_data_dir, config, bad_step=-1)
+    assert not module.masking.nested_timeframes  # nothing known without the data
+    training.build_trainer(config, tmp_path, accelerator="cpu").fit(module, datamodule=datamodule)
+    assert datamodule.sampler is not None and datamodule.sampler.timeframes_nest
+    assert module.masking.nested_timeframes and module.eval_masking.nested_timeframes
+
+
 def test_training_step_reads_nothing_back_from_the_device(
     synthetic_data_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -316,6 +328,19 @@ def test_training_step_reads_nothing_back_from_the_device(
     loss = module.training_step(batch, 0)
     monkeypatch.undo()
     assert math.isfinite(loss.item())
+
+
+def test_training_step_leaves_the_batch_features_untouched(synthetic_data_dir: Path) -> None:
+    """A batch's ``targets`` is its ``features`` tensor (no copy): the step, backward
+    included, must mask a copy, or the loss would compare the reconstruction with the
+    masked input."""
+    config = load_config("test", SPLITS)
+    datamodule, module = diverging_module(synthetic_data_dir, config, bad_step=-1)
+    batch = datamodule.on_after_batch_transfer(next(iter(datamodule.train_dataloader())), 0)
+    assert batch["targets"] is batch["features"]
+    before = batch["features"].clone()
+    module.training_step(batch, 0).backward()
+    assert torch.equal(batch["features"], before)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -187,6 +188,66 @@ def test_narrowed_and_full_sync_search_agree(frames, monkeypatch: pytest.MonkeyP
             full = masking._sync(free, times)
         assert torch.equal(narrowed, full)
         assert not torch.equal(narrowed, free)
+
+
+def nested_sync_matches_the_rule(sampler: MultiTFWindowSampler, n: int) -> None:
+    """On nesting timeframes the adjacent-only sync hides exactly the brute-force rule's bars."""
+    ids = np.random.default_rng(0).choice(len(sampler), size=n, replace=False)
+    times = torch.from_numpy(sampler.gather(ids)[1])
+    masking = strategy(sampler.seq_len, "masking.span_min_bars=5", "masking.span_max_bars=60")
+    masking.nested_timeframes = True
+    for seed in range(3):
+        free = masking.generate(times, torch.Generator().manual_seed(seed), sync=False).numpy()
+        synced = masking.generate(times, torch.Generator().manual_seed(seed), sync=True).numpy()
+        np.testing.assert_array_equal(synced, free | overlap_required(synced, times.numpy()))
+
+
+@pytest.mark.parametrize("seq_len", [16, 48])
+def test_nested_sync_is_the_rule_on_nesting_timeframes(frames, seq_len: int) -> None:
+    sampler = MultiTFWindowSampler(frames, seq_len)
+    assert sampler.timeframes_nest  # resampled from the same M1 bars
+    nested_sync_matches_the_rule(sampler, 200)
+
+
+@pytest.mark.real_data
+def test_nested_sync_is_the_rule_on_real_usdjpy(real_data_dir) -> None:
+    sampler = MultiTFWindowSampler(load_tf_data(real_data_dir, TIMEFRAMES), 48)
+    assert sampler.timeframes_nest
+    nested_sync_matches_the_rule(sampler, 300)
+
+
+def test_nested_sync_would_be_wrong_where_timeframes_do_not_nest() -> None:
+    """Why the flag is checked on the data: on shifted, gapped bars adjacent-only misses bars."""
+    times = irregular_times(120, 48, seed=3)
+    masking = strategy(48, "masking.span_min_bars=5", "masking.span_max_bars=60")
+    free = masking.generate(times, torch.Generator().manual_seed(0), sync=False)
+    full = masking._sync(free, times)
+    masking.nested_timeframes = True
+    assert (full & ~masking._sync(free, times)).any()
+
+
+def test_timeframes_that_do_not_nest_are_found(frames) -> None:
+    def nest_after(tf: str, edit) -> bool:
+        edited = {k: (edit(v) if k == tf else v) for k, v in frames.items()}
+        return MultiTFWindowSampler(edited, 16).timeframes_nest
+
+    def shift(minutes: int):
+        return lambda df: df.set_axis(df.index + pd.Timedelta(minutes=minutes))
+
+    def add_bar_at(time: pd.Timestamp):
+        return lambda df: pd.concat([df.iloc[[0]].set_axis([time]), df]).sort_index()
+
+    def move_bar(row: int, seconds: int):
+        return lambda df: df.set_axis(
+            df.index.delete(row).insert(row, df.index[row] + pd.Timedelta(seconds=seconds))
+        )
+
+    assert MultiTFWindowSampler(frames, 16).timeframes_nest
+    assert not nest_after("h4", shift(-30))  # H1 bars straddle their closes
+    assert not nest_after("m5", lambda df: df.drop(df.index[100]))  # M1 bars with no M5 bar
+    day_before = frames["m15"].index[0] - pd.Timedelta(days=1)
+    assert not nest_after("m15", add_bar_at(day_before))  # an M15 bar with no M5 bar in it
+    assert not nest_after("m1", move_bar(5, -30))  # two M1 bars overlap
 
 
 def test_sync_default_comes_from_the_config(frames) -> None:

@@ -15,6 +15,7 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
+from stage1.data.timeframes import tf_ns
 from stage1.errors import DataValidationError
 
 OHLC_COLUMNS = ("open", "high", "low", "close")
@@ -75,3 +76,25 @@ class BarBlocks:
 
     def rows(self, i: int, k: int) -> slice:
         return slice(int(self.starts[i, k]), int(self.starts[i + 1, k]))
+
+    def timeframes_nest(self) -> bool:
+        """Whether each timeframe nests in the next coarser one, in every block: a timeframe's
+        bars are disjoint (opens at least one duration apart), each bar lies inside one bar of
+        the next coarser timeframe, and each of those holds at least one. Timeframes resampled
+        from the same M1 bars on aligned boundaries do (``stage1 prepare``'s); the masks' sync
+        then only needs adjacent timeframes (:class:`~stage1.data.masking.MaskingStrategy`)."""
+        durations = [tf_ns(tf) for tf in self.timeframes]
+        for i in range(len(self.instruments)):
+            opens = [np.asarray(times[self.rows(i, k)]) for k, times in enumerate(self.open_ns)]
+            if any((np.diff(o) < d).any() for o, d in zip(opens, durations, strict=True)):
+                return False
+            for k in range(len(self.timeframes) - 1):
+                fine, coarse = opens[k], opens[k + 1]
+                if not len(fine) or not len(coarse):
+                    return False
+                parent = np.searchsorted(coarse, fine, side="right") - 1  # nondecreasing
+                if parent[0] != 0 or parent[-1] != len(coarse) - 1 or (np.diff(parent) > 1).any():
+                    return False  # a fine bar before every coarse one, or an empty coarse bar
+                if (fine + durations[k] > coarse[parent] + durations[k + 1]).any():
+                    return False  # a fine bar reaches past its coarse bar's close
+        return True

@@ -137,7 +137,12 @@ class Stage1Dataset(Dataset[Batch]):
         self.builder = builder or DeviceBatchBuilder(
             sampler, horizons=list(config.model.forecast_horizons)
         )
-        self.masking = MaskingStrategy(config.masking, sampler.timeframes, sampler.seq_len)
+        self.masking = MaskingStrategy(
+            config.masking,
+            sampler.timeframes,
+            sampler.seq_len,
+            nested_timeframes=sampler.timeframes_nest,
+        )
         self.window_ids: npt.NDArray[np.int64] = (
             np.arange(len(sampler), dtype=np.int64) if split == "all" else splits[split]
         )

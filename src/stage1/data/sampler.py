@@ -19,6 +19,7 @@ train / val / test splits in :mod:`stage1.data.splits`; their public names are r
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import warnings
@@ -297,6 +298,12 @@ class MultiTFWindowSampler:
         """Instrument index of each of ``window_ids``."""
         ids = np.asarray(window_ids, dtype=np.int64)
         return np.searchsorted(self.window_starts, ids, side="right").astype(np.int64) - 1
+
+    @functools.cached_property
+    def timeframes_nest(self) -> bool:
+        """Whether each timeframe's bars nest in the next coarser one's
+        (:meth:`BarBlocks.timeframes_nest`; checked once, ~0.2 s per 3 M base bars)."""
+        return self._blocks.timeframes_nest()
 
     @property
     def block_starts(self) -> IntArray:

@@ -136,7 +136,10 @@ def reconstruct_split(
     plot_rows = set(np.linspace(0, len(positions) - 1, n_plot).round().astype(int).tolist())
     kept: dict[str, list[Any]] = {k: [] for k in ("ids", "truth", "pred", "interp", "masks")}
     mask_sample: list[np.ndarray] = []
-    masking = evaluation_masking(config, dataset.sampler.timeframes, dataset.sampler.seq_len)
+    sampler = dataset.sampler
+    masking = evaluation_masking(
+        config, sampler.timeframes, sampler.seq_len, sampler.timeframes_nest
+    )
     label = "synchronised" if sync else "unsynchronised"
     progress = tqdm(total=len(positions), desc=f"evaluate {dataset.split} ({label})", unit="win")
     for start in range(0, len(positions), EVAL_BATCH_SIZE):
