@@ -50,7 +50,8 @@ def main() -> None:
     positions = np.arange(min(args.batch, len(dataset)))
     batch = dataset.get_batch(positions)
     generator = torch.Generator().manual_seed(0)
-    masks = dataset.masking.generate(batch["times"], generator=generator, sync=True)
+    parents = batch.get("parents")
+    masks = dataset.masking.generate(batch["times"], generator, sync=True, parents=parents)
     with torch.inference_mode():
         out = model(batch["features"], masks, batch["times"])["reconstructed"]
     truth = normalizer.denormalize(batch["targets"]).double()
@@ -71,7 +72,7 @@ def main() -> None:
     stages = {
         "windows (gather+features+normalise)": lambda: dataset.get_batch(positions),
         "masks (synchronised)": lambda: dataset.masking.generate(
-            batch["times"], generator=generator, sync=True
+            batch["times"], generator, sync=True, parents=parents
         ),
         "model forward (masked)": forward,
         "metrics (4 baselines + all metrics)": metrics,

@@ -104,7 +104,7 @@ Batch = dict[str, torch.Tensor]
 def device_path(dm: Stage1DataModule, masking: MaskingStrategy, ids: Batch) -> Batch:
     """What training does per batch: the loader's ids → the batch on the device → masks."""
     batch = dm.on_after_batch_transfer(ids, 0)
-    batch["masks"] = masking.generate(batch["times"])
+    batch["masks"] = masking.generate(batch["times"], parents=batch.get("parents"))
     return batch
 
 
@@ -142,7 +142,7 @@ def bench_assembly(data_dir: Path, cache_dir: Path, args: argparse.Namespace) ->
     assert dm.sampler is not None
     setup_s = time.perf_counter() - start
     print(f"datamodule setup (load, cached index, splits, normaliser fit): {setup_s:.1f} s")
-    masking = dm.datasets["train"].masking  # what training draws (nesting known)
+    masking = MaskingStrategy(config.masking, dm.sampler.timeframes, args.seq_len)
     default_threads = torch.get_num_threads()
     print(f"batch assembly (batch {args.batch_size}, gather + features + normalise + masks, one")
     print("process; target >= 100 000 windows/s and >= 1.5 x the NumPy path), median of")
@@ -177,7 +177,7 @@ def rss_child(data_dir: Path, seq_len: int, batch_size: int) -> None:
     dm = Stage1DataModule(data_dir, bench_config(seq_len, batch_size, None))
     dm.setup()
     assert dm.sampler is not None
-    masking = dm.datasets["train"].masking
+    masking = MaskingStrategy(dm.config.masking, dm.sampler.timeframes, seq_len)
     n_windows = 0
     for loader in (dm.train_dataloader(), dm.val_dataloader(), dm.test_dataloader()):
         for ids in loader:

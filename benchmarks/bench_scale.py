@@ -35,6 +35,7 @@ import torch
 from stage1.config import load_config
 from stage1.data.dataset import Stage1DataModule, build_sampler
 from stage1.data.io import aggregate_bars, write_bars
+from stage1.data.masking import MaskingStrategy
 from stage1.data.synthetic import START, generate_m1
 
 TIMEFRAMES = ["m1", "m5", "m15", "m30", "h1", "h4"]
@@ -103,13 +104,13 @@ def child(root: Path, cache_dir: Path, instruments: list[str] | None, batches: i
     result["after_setup"] = memory_mib()
     del sampler
     assert dm.sampler is not None
-    masking = dm.datasets["train"].masking  # what training draws (nesting known)
+    masking = MaskingStrategy(dm.config.masking, dm.sampler.timeframes, dm.sampler.seq_len)
     peak_anon, n_windows = 0.0, 0
     start = time.perf_counter()
     loader = iter(dm.train_dataloader())
     for _ in range(batches):
         batch = dm.on_after_batch_transfer(next(loader), 0)  # built where Lightning would
-        masking.generate(batch["times"])
+        masking.generate(batch["times"], parents=batch.get("parents"))
         n_windows += len(batch["window_ids"])
         peak_anon = max(peak_anon, memory_mib()["RssAnon"])
     result["pass_s"] = time.perf_counter() - start

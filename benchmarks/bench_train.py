@@ -75,7 +75,8 @@ def bare_step_s(config, data_dir: Path, steps: int, warmup: int) -> float:  # ty
     assert datamodule.normalizer is not None
     module = Stage1LightningModule(config, datamodule.normalizer.to_dict())
     batch = datamodule.datasets["train"].get_batch(range(config.training.batch_size))
-    masks = module.masking.generate(batch["times"], mask_generator(torch.device("cpu"), 0))
+    generator = mask_generator(torch.device("cpu"), 0)
+    masks = module.masking.generate(batch["times"], generator, parents=batch.get("parents"))
     criterion: Stage1CombinedLoss = module.criterion
     optimizer = torch.optim.AdamW(module.model.parameters(), lr=1e-3)
     times = []

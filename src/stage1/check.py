@@ -125,7 +125,7 @@ class _Check:
         normalizer = self.state["dataset"].normalizer
         model.set_normalizer(normalizer.mean, normalizer.std)  # as training does
         batch = self.state["dataset"].get_batch(range(16))
-        masks = self.state["dataset"].masking.generate(batch["times"])
+        masks = self.state["dataset"].masking.generate(batch["times"], parents=batch.get("parents"))
         out = model(batch["features"], masks, batch["times"])
         n_tf, seq_len = len(self.config.data.timeframes), int(self.config.data.seq_len)
         want = (16, n_tf, model.latent_len, model.d_model)

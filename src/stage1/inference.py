@@ -193,7 +193,7 @@ class Stage1InferenceEngine:
     def batch_builder(self, sampler: MultiTFWindowSampler) -> DeviceBatchBuilder:
         """``sampler``'s batch builder on the engine's device (kept for the last sampler)."""
         if self._builder is None or self._builder[0] is not sampler:
-            builder = DeviceBatchBuilder(sampler, self.normalizer, self.device)
+            builder = DeviceBatchBuilder(sampler, self.normalizer, self.device, with_parents=False)
             self._builder = (sampler, builder)
         return self._builder[1]
 

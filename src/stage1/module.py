@@ -100,13 +100,6 @@ class Stage1LightningModule(L.LightningModule):
         self._nonfinite: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._batches_unchecked = 0
 
-    def setup(self, stage: str) -> None:
-        """The masks learn from the data module whether its timeframes nest (same masks, fewer
-        searches; ``MaskingStrategy`` doc). Without a data module they assume nothing."""
-        sampler = getattr(getattr(self.trainer, "datamodule", None), "sampler", None)
-        nested = bool(sampler is not None and sampler.timeframes_nest)
-        self.masking.nested_timeframes = self.eval_masking.nested_timeframes = nested
-
     def forward(
         self, features: torch.Tensor, masks: torch.Tensor, times: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
@@ -120,12 +113,14 @@ class Stage1LightningModule(L.LightningModule):
         if stage == "train":
             keys = (_TRAIN_STREAM, self.current_epoch, batch_idx, self.global_rank)
             generator = mask_generator(times.device, self.config.seed, *keys)
-            return self.masking.generate(times, generator)
+            return self.masking.generate(times, generator, parents=batch.get("parents"))
         # Validation and test place spans like `stage1 evaluate` (no forced right-edge spans).
         generator = mask_generator(
             times.device, self.config.seed, _EVAL_STREAM, batch_idx, self.global_rank
         )
-        return self.eval_masking.generate(times, generator, right_edge=0.0)
+        return self.eval_masking.generate(
+            times, generator, right_edge=0.0, parents=batch.get("parents")
+        )
 
     def _common_step(
         self, batch: dict[str, torch.Tensor], batch_idx: int, stage: str

@@ -296,16 +296,17 @@ def test_a_diverging_run_stops_naming_the_first_non_finite_step(
     assert not list(tmp_path.glob("checkpoints/*.ckpt"))
 
 
-def test_the_module_masks_know_when_the_data_timeframes_nest(
-    synthetic_data_dir: Path, tmp_path: Path
-) -> None:
-    """Fitting with a data module tells the masks its timeframes nest (the sync's shortcut)."""
-    config = load_config("test", [*SPLITS, "training.max_steps=1", "training.limit_val_batches=0"])
+def test_the_step_masks_sync_through_the_batch_parents(synthetic_data_dir: Path) -> None:
+    """Training and validation masks of a batch with ``parents`` (nesting timeframes) are the
+    ones the search over its times gives."""
+    config = load_config("test", SPLITS)
     datamodule, module = diverging_module(synthetic_data_dir, config, bad_step=-1)
-    assert not module.masking.nested_timeframes  # nothing known without the data
-    training.build_trainer(config, tmp_path, accelerator="cpu").fit(module, datamodule=datamodule)
-    assert datamodule.sampler is not None and datamodule.sampler.timeframes_nest
-    assert module.masking.nested_timeframes and module.eval_masking.nested_timeframes
+    batch = datamodule.on_after_batch_transfer(next(iter(datamodule.train_dataloader())), 0)
+    searched = {key: value for key, value in batch.items() if key != "parents"}
+    assert "parents" in batch
+    for stage in ("train", "val"):
+        masks = module._masks(batch, 0, stage)
+        assert torch.equal(masks, module._masks(searched, 0, stage)) and masks[:, 1:].any()
 
 
 def test_training_step_reads_nothing_back_from_the_device(

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from stage1.config import load_config
+from stage1.data.device_batch import DeviceBatchBuilder
 from stage1.data.features import DELTA_CLOSE, FeatureEngineer
 from stage1.data.io import load_tf_data
 from stage1.data.masking import MaskingStrategy, evaluation_masking, mask_model_input
@@ -190,46 +191,48 @@ def test_narrowed_and_full_sync_search_agree(frames, monkeypatch: pytest.MonkeyP
         assert not torch.equal(narrowed, free)
 
 
-def nested_sync_matches_the_rule(sampler: MultiTFWindowSampler, n: int) -> None:
-    """On nesting timeframes the adjacent-only sync hides exactly the brute-force rule's bars."""
+def parents_sync_is_the_rule(sampler: MultiTFWindowSampler, n: int) -> None:
+    """On nesting timeframes a batch's ``parents`` are each bar's containing bar in the next
+    coarser window, and the sync through them hides exactly the brute-force rule's bars."""
     ids = np.random.default_rng(0).choice(len(sampler), size=n, replace=False)
-    times = torch.from_numpy(sampler.gather(ids)[1])
-    masking = strategy(sampler.seq_len, "masking.span_min_bars=5", "masking.span_max_bars=60")
-    masking.nested_timeframes = True
+    batch = DeviceBatchBuilder(sampler).batch(ids)
+    times, parents = batch["times"], batch["parents"]
+    opens, length = times.numpy(), sampler.seq_len
+    durations = [tf_ns(tf) for tf in TIMEFRAMES]
+    for k in range(len(TIMEFRAMES) - 1):
+        fine, coarse = opens[:, k, :, None], opens[:, k + 1, None, :]
+        inside = (coarse <= fine) & (fine + durations[k] <= coarse + durations[k + 1])
+        expected = np.where(inside.any(-1), inside.argmax(-1), length)
+        np.testing.assert_array_equal(parents[:, k].numpy(), expected)
+    masking = strategy(length, "masking.span_min_bars=5", "masking.span_max_bars=60")
     for seed in range(3):
-        free = masking.generate(times, torch.Generator().manual_seed(seed), sync=False).numpy()
-        synced = masking.generate(times, torch.Generator().manual_seed(seed), sync=True).numpy()
-        np.testing.assert_array_equal(synced, free | overlap_required(synced, times.numpy()))
+        free = masking.generate(times, torch.Generator().manual_seed(seed), sync=False)
+        synced = masking.generate(
+            times, torch.Generator().manual_seed(seed), sync=True, parents=parents
+        )
+        rule = free.numpy() | overlap_required(synced.numpy(), opens)
+        np.testing.assert_array_equal(synced.numpy(), rule)
+        assert torch.equal(synced, masking._sync(free, times))  # the search finds the same
 
 
 @pytest.mark.parametrize("seq_len", [16, 48])
-def test_nested_sync_is_the_rule_on_nesting_timeframes(frames, seq_len: int) -> None:
+def test_parents_sync_is_the_rule_on_nesting_timeframes(frames, seq_len: int) -> None:
     sampler = MultiTFWindowSampler(frames, seq_len)
-    assert sampler.timeframes_nest  # resampled from the same M1 bars
-    nested_sync_matches_the_rule(sampler, 200)
+    assert sampler.parent_rows() is not None  # resampled from the same M1 bars
+    parents_sync_is_the_rule(sampler, 200)
 
 
 @pytest.mark.real_data
-def test_nested_sync_is_the_rule_on_real_usdjpy(real_data_dir) -> None:
+def test_parents_sync_is_the_rule_on_real_usdjpy(real_data_dir) -> None:
     sampler = MultiTFWindowSampler(load_tf_data(real_data_dir, TIMEFRAMES), 48)
-    assert sampler.timeframes_nest
-    nested_sync_matches_the_rule(sampler, 300)
-
-
-def test_nested_sync_would_be_wrong_where_timeframes_do_not_nest() -> None:
-    """Why the flag is checked on the data: on shifted, gapped bars adjacent-only misses bars."""
-    times = irregular_times(120, 48, seed=3)
-    masking = strategy(48, "masking.span_min_bars=5", "masking.span_max_bars=60")
-    free = masking.generate(times, torch.Generator().manual_seed(0), sync=False)
-    full = masking._sync(free, times)
-    masking.nested_timeframes = True
-    assert (full & ~masking._sync(free, times)).any()
+    assert sampler.parent_rows() is not None
+    parents_sync_is_the_rule(sampler, 300)
 
 
 def test_timeframes_that_do_not_nest_are_found(frames) -> None:
     def nest_after(tf: str, edit) -> bool:
         edited = {k: (edit(v) if k == tf else v) for k, v in frames.items()}
-        return MultiTFWindowSampler(edited, 16).timeframes_nest
+        return MultiTFWindowSampler(edited, 16).parent_rows() is not None
 
     def shift(minutes: int):
         return lambda df: df.set_axis(df.index + pd.Timedelta(minutes=minutes))
@@ -242,8 +245,10 @@ def test_timeframes_that_do_not_nest_are_found(frames) -> None:
             df.index.delete(row).insert(row, df.index[row] + pd.Timedelta(seconds=seconds))
         )
 
-    assert MultiTFWindowSampler(frames, 16).timeframes_nest
+    assert MultiTFWindowSampler(frames, 16).parent_rows() is not None
     assert not nest_after("h4", shift(-30))  # H1 bars straddle their closes
+    straddling = {k: (shift(-30)(v) if k == "h4" else v) for k, v in frames.items()}
+    assert "parents" not in DeviceBatchBuilder(MultiTFWindowSampler(straddling, 16)).batch([0])
     assert not nest_after("m5", lambda df: df.drop(df.index[100]))  # M1 bars with no M5 bar
     day_before = frames["m15"].index[0] - pd.Timedelta(days=1)
     assert not nest_after("m15", add_bar_at(day_before))  # an M15 bar with no M5 bar in it

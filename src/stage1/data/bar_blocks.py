@@ -77,24 +77,28 @@ class BarBlocks:
     def rows(self, i: int, k: int) -> slice:
         return slice(int(self.starts[i, k]), int(self.starts[i + 1, k]))
 
-    def timeframes_nest(self) -> bool:
-        """Whether each timeframe nests in the next coarser one, in every block: a timeframe's
-        bars are disjoint (opens at least one duration apart), each bar lies inside one bar of
-        the next coarser timeframe, and each of those holds at least one. Timeframes resampled
-        from the same M1 bars on aligned boundaries do (``stage1 prepare``'s); the masks' sync
-        then only needs adjacent timeframes (:class:`~stage1.data.masking.MaskingStrategy`)."""
+    def parent_rows(self) -> list[npt.NDArray[np.int32]] | None:
+        """Each bar's containing bar in the next coarser timeframe, when the timeframes nest:
+        ``parents[k]`` int32 ``[rows of k]`` holds rows of timeframe ``k + 1``, for ``k <
+        n_tf - 1``; None when they do not. They nest when, in every block, a timeframe's bars
+        are disjoint (opens at least one duration apart), each lies inside one bar of the next
+        coarser timeframe, and each of those holds at least one: as timeframes resampled from
+        the same M1 bars on aligned boundaries do (``stage1 prepare``'s). The masks' sync then
+        hides a hidden bar's parent (:class:`~stage1.data.masking.MaskingStrategy`)."""
         durations = [tf_ns(tf) for tf in self.timeframes]
+        parents = [np.empty(len(times), np.int32) for times in self.open_ns[:-1]]
         for i in range(len(self.instruments)):
             opens = [np.asarray(times[self.rows(i, k)]) for k, times in enumerate(self.open_ns)]
             if any((np.diff(o) < d).any() for o, d in zip(opens, durations, strict=True)):
-                return False
+                return None
             for k in range(len(self.timeframes) - 1):
                 fine, coarse = opens[k], opens[k + 1]
                 if not len(fine) or not len(coarse):
-                    return False
+                    return None
                 parent = np.searchsorted(coarse, fine, side="right") - 1  # nondecreasing
                 if parent[0] != 0 or parent[-1] != len(coarse) - 1 or (np.diff(parent) > 1).any():
-                    return False  # a fine bar before every coarse one, or an empty coarse bar
+                    return None  # a fine bar before every coarse one, or an empty coarse bar
                 if (fine + durations[k] > coarse[parent] + durations[k + 1]).any():
-                    return False  # a fine bar reaches past its coarse bar's close
-        return True
+                    return None  # a fine bar reaches past its coarse bar's close
+                parents[k][self.rows(i, k)] = parent + self.starts[i, k + 1]
+        return parents

@@ -7,7 +7,8 @@ normalisation as torch ops on the sampler's bars, which moved to that device onc
 a dict (ARCHITECTURE.md):
 ``features``/``targets`` float32 ``[B, n_tf, seq_len, 6]`` (normalised, unmasked),
 ``times`` int64 ``[B, n_tf, seq_len]``, ``ref_price`` float64 ``[B]``, ``window_ids`` int64
-``[B]``. Masks for training are drawn by the LightningModule on the batch's device;
+``[B]``; when the timeframes nest also ``parents`` int64 ``[B, n_tf - 1, seq_len]``
+(``DeviceBatchBuilder.parents``, for the masks' sync). Masks for training are drawn by the LightningModule on the batch's device;
 ``Stage1Dataset[i]`` adds reproducible ``masks`` for inspection and debugging.
 """
 
@@ -137,12 +138,7 @@ class Stage1Dataset(Dataset[Batch]):
         self.builder = builder or DeviceBatchBuilder(
             sampler, horizons=list(config.model.forecast_horizons)
         )
-        self.masking = MaskingStrategy(
-            config.masking,
-            sampler.timeframes,
-            sampler.seq_len,
-            nested_timeframes=sampler.timeframes_nest,
-        )
+        self.masking = MaskingStrategy(config.masking, sampler.timeframes, sampler.seq_len)
         self.window_ids: npt.NDArray[np.int64] = (
             np.arange(len(sampler), dtype=np.int64) if split == "all" else splits[split]
         )
@@ -169,7 +165,8 @@ class Stage1Dataset(Dataset[Batch]):
         i = i % len(self)
         batch = self.get_batch([i])
         generator = torch.Generator().manual_seed(int(self.config.seed) + i)
-        batch["masks"] = self.masking.generate(batch["times"], generator=generator)
+        parents = batch.pop("parents", None)  # the sync's helper, not one of the guide's keys
+        batch["masks"] = self.masking.generate(batch["times"], generator=generator, parents=parents)
         return {key: value[0] for key, value in batch.items()}
 
 

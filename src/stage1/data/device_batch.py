@@ -83,9 +83,9 @@ class DeviceBatchBuilder:
     ``[rows]``, ``end_rows`` int64 ``[n_windows, n_tf]``). All timeframes' rows are stacked
     into one row space (timeframe ``k`` starts at ``row_offsets[k]``), so a batch is one
     gather. Memory on the device: 64 bytes per bar (the table, the first-bar term, the open
-    time), 8 more per base bar (its open), on an accelerator 8 per window and timeframe (the
-    index; the CPU reads the sampler's own): about 290 MB on the CPU for 3.1 M M1 rows and six
-    timeframes.
+    time), 4 more with ``parents`` (the parent table, on the first batch), 8 more per base bar
+    (its open), on an accelerator 8 per window and timeframe (the index; the CPU reads the
+    sampler's own): about 310 MB on the CPU for 3.1 M M1 rows and six timeframes.
 
     The table depends on the statistics: it is built on the first batch after
     ``set_normalizer`` (about 0.3 s per 4 M bars on the CPU). Without a ``normalizer``
@@ -100,8 +100,10 @@ class DeviceBatchBuilder:
         normalizer: TFNormalizer | None = None,
         device: str | torch.device = "cpu",
         horizons: Sequence[int] = (),
+        with_parents: bool = True,
     ) -> None:
         self.device = torch.device(device)
+        self.with_parents = with_parents
         self.timeframes = list(sampler.timeframes)
         self.seq_len = int(sampler.seq_len)
         self.horizons = [int(h) for h in horizons]
@@ -122,6 +124,8 @@ class DeviceBatchBuilder:
         self.block_end = _host_tensor(sampler.block_starts[1:, 0]).to(self.device, torch.int64)
         self._base_log_close: torch.Tensor | None = None
         self._tables: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._parents: torch.Tensor | None = None
+        self._parents_found = False  # parent_rows() asked (None: the timeframes do not nest)
         self._scratch = threading.local()  # per thread: the gathered rows of a chunk
         self.set_normalizer(normalizer)
 
@@ -186,6 +190,31 @@ class DeviceBatchBuilder:
             self.bar_ns,
         )
         return log_vol.float(), valid
+
+    def parents(self, starts: torch.Tensor) -> torch.Tensor | None:
+        """Where each bar's containing bar sits in the next coarser timeframe's window, int64
+        ``[B, n_tf - 1, seq_len]`` (``seq_len``: not in that window, not closed by the anchor
+        yet; never older than it, see ``MaskingStrategy``), for the windows whose oldest bars
+        are at global rows ``starts``; None when the timeframes do not nest
+        (:meth:`MultiTFWindowSampler.parent_rows`). What the masks' sync hides."""
+        if not self._parents_found:  # global parent rows, one int32 per bar (the last unused)
+            self._parents_found = True
+            found = self.sampler.parent_rows()
+            if found is not None:
+                table = np.zeros(len(self.open_ns), np.int32)
+                for k, parent_rows in enumerate(found):
+                    first = self._first_row[k]
+                    table[first : first + len(parent_rows)] = parent_rows + self._first_row[k + 1]
+                self._parents = torch.from_numpy(table).to(self.device)
+        if self._parents is None:
+            return None
+        length = self.seq_len
+        runs = self._parents.as_strided((max(len(self._parents) - length + 1, 0), length), (1, 1))
+        rows = torch.index_select(runs, 0, starts[:, :-1].reshape(-1))
+        # In int32 (the broadcast subtraction is ~6x faster than in int64 on the CPU), then
+        # int64 once: scatter indices must be.
+        positions = rows.view(len(starts), -1, length) - starts[:, 1:, None].int()
+        return positions.clamp_(max=length).long()
 
     def _as_ids(self, window_ids: npt.ArrayLike | torch.Tensor) -> torch.Tensor:
         if isinstance(window_ids, torch.Tensor):
@@ -276,7 +305,9 @@ class DeviceBatchBuilder:
         and ``targets`` float32 ``[B, n_tf, seq_len, 6]``, ``times`` int64 ``[B, n_tf,
         seq_len]``, ``ref_price`` float64 ``[B]``, ``window_ids`` int64 ``[B]``, on the device;
         with ``horizons`` also the forecast labels ``future_log_vol``/``future_valid`` ``[B, H]``
-        (:meth:`future`; labels only, never model input). ``targets`` is the ``features``
+        (:meth:`future`; labels only, never model input); when the timeframes nest also
+        ``parents`` (:meth:`parents`, for the masks' sync; ``with_parents=False``: not, as for
+        encoding, which draws no masks). ``targets`` is the ``features``
         tensor itself: both are the unmasked features, and the model masks a copy
         (:func:`~stage1.data.masking.mask_model_input`), so no consumer writes to them; a
         second 7 MB tensor per batch of 1 024 cost ~10 % of the build on the CPU."""
@@ -292,4 +323,7 @@ class DeviceBatchBuilder:
         }
         if self.horizons:
             batch["future_log_vol"], batch["future_valid"] = self.future(ids, starts)
+        parents = self.parents(starts) if self.with_parents else None
+        if parents is not None:
+            batch["parents"] = parents
         return batch

@@ -46,11 +46,13 @@ class MaskingStrategy:
 
     ``sync=True`` additionally hides every coarser bar that overlaps, in calendar time, a
     hidden bar of any finer timeframe (also one hidden this way), so the same calendar span is
-    hidden in every timeframe. Coarse timeframes then hide more than ``mask_ratio``. With
-    ``nested_timeframes`` (the data's timeframes nest: ``MultiTFWindowSampler.timeframes_nest``,
-    set by whoever holds the data) the sync searches adjacent timeframes only, with the same
-    result: a hidden bar's overlaps in a coarser timeframe are then those of the next coarser
-    bar that contains it, and that bar is in its window (~40 % fewer searches).
+    hidden in every timeframe. Coarse timeframes then hide more than ``mask_ratio``. When the
+    timeframes nest (``MultiTFWindowSampler.parent_rows``) a batch brings ``parents``: the
+    position of each bar's containing bar in the next coarser window. A bar then overlaps one
+    bar of the next timeframe, its parent, and a coarser bar overlaps it only if it contains
+    that parent, which is then in its own window too (it closes no later, and every newer bar
+    of that window holds a finer bar). So hiding parents, timeframe by timeframe, hides what the
+    rule hides, with no search (tested against the search and a brute-force rule).
 
     ``right_edge`` (default ``masking.right_edge_ratio``; evaluation passes 0) is the probability
     that a (window, timeframe) row's newest span is moved to end at the newest bar, the situation
@@ -64,7 +66,6 @@ class MaskingStrategy:
         timeframes: Sequence[str],
         seq_len: int,
         mask_ratio: float | None = None,
-        nested_timeframes: bool = False,
     ) -> None:
         # The ``masking`` section alone (DictConfig or plain mapping), checked by the schema;
         # ``mask_ratio`` replaces its ratio (the evaluation's, see ``evaluation_masking``).
@@ -73,7 +74,6 @@ class MaskingStrategy:
         self.seq_len = seq_len
         self.mask_ratio = float(section.mask_ratio if mask_ratio is None else mask_ratio)
         self.sync_tf = bool(section.sync_tf)
-        self.nested_timeframes = nested_timeframes
         self.right_edge_ratio = float(getattr(section, "right_edge_ratio", 0.0))
         self.span_min_bars = int(section.span_min_bars)
         self.span_max_bars = int(section.span_max_bars)
@@ -117,12 +117,15 @@ class MaskingStrategy:
         generator: torch.Generator | None = None,
         sync: bool | None = None,
         right_edge: float | None = None,
+        parents: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Masks for a batch: ``times`` int64 ``[B, n_tf, seq_len]`` (bar open, UTC ns) →
         bool ``[B, n_tf, seq_len]`` on ``times.device``, True = hidden.
 
         ``sync=None`` uses ``masking.sync_tf``, ``right_edge=None`` uses
         ``masking.right_edge_ratio``; ``generator`` must live on ``times.device``.
+        ``parents``: the batch's ``parents`` when it has them (nesting timeframes, see the
+        class doc; ``DeviceBatchBuilder.parents``); without them the sync searches the times.
         """
         batch, n_tf, length = times.shape
         if n_tf != len(self.timeframes) or length != self.seq_len:
@@ -185,8 +188,25 @@ class MaskingStrategy:
         edges.scatter_add_(-1, end.clamp(max=length - 1).long(), -is_span * (end < length))
         masks = (edges.cumsum(-1, dtype=torch.int32) > 0).transpose(0, 1).contiguous()
 
-        if self.sync_tf if sync is None else sync:
-            masks = self._sync(masks, times)
+        if not (self.sync_tf if sync is None else sync):
+            return masks
+        if parents is not None:
+            return self._sync_parents(masks, parents)
+        return self._sync(masks, times)
+
+    @staticmethod
+    def _sync_parents(masks: torch.Tensor, parents: torch.Tensor) -> torch.Tensor:
+        """The sync on nesting timeframes: each timeframe, once final, hides the parents of
+        its hidden bars in the next (``parents`` int64 ``[B, n_tf - 1, L]``, ``L`` = none).
+        Hidden children are counted per parent (a scatter-add of int32 is ~2x a where and a
+        scatter of bools on the CPU)."""
+        masks = masks.clone()
+        batch, n_tf, length = masks.shape
+        children = torch.zeros(batch, length + 1, dtype=torch.int32, device=masks.device)
+        for k in range(n_tf - 1):
+            children.scatter_add_(-1, parents[:, k], masks[:, k].int())
+            masks[:, k + 1] |= children[:, :length] > 0
+            children.zero_()
         return masks
 
     def _sync(self, masks: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
@@ -213,8 +233,6 @@ class MaskingStrategy:
         before = torch.zeros(batch, length + 1, dtype=torch.long, device=masks.device)
         for k in range(n_tf - 1):
             coarse = [j for j in range(k + 1, n_tf) if starts[k][j] < length]
-            if self.nested_timeframes:  # the next coarser one passes it on (class doc)
-                coarse = [j for j in coarse if j == k + 1]
             if not coarse:
                 continue
             # Fine bars overlapping the coarse bar [o, o + d_j): open in (o - d_k, o + d_j),
@@ -249,11 +267,9 @@ class MaskingStrategy:
 
 
 def evaluation_masking(
-    config: ConfigLike, timeframes: Sequence[str], seq_len: int, nested_timeframes: bool = False
+    config: ConfigLike, timeframes: Sequence[str], seq_len: int
 ) -> MaskingStrategy:
     """The masks ``stage1 evaluate`` and validation score on: the training spans and sync rule
     with ``evaluation.mask_ratio`` (when set) as the hidden share."""
     config = as_config(config)
-    return MaskingStrategy(
-        config.masking, timeframes, seq_len, config.evaluation.mask_ratio, nested_timeframes
-    )
+    return MaskingStrategy(config.masking, timeframes, seq_len, config.evaluation.mask_ratio)

@@ -136,18 +136,17 @@ def reconstruct_split(
     plot_rows = set(np.linspace(0, len(positions) - 1, n_plot).round().astype(int).tolist())
     kept: dict[str, list[Any]] = {k: [] for k in ("ids", "truth", "pred", "interp", "masks")}
     mask_sample: list[np.ndarray] = []
-    sampler = dataset.sampler
-    masking = evaluation_masking(
-        config, sampler.timeframes, sampler.seq_len, sampler.timeframes_nest
-    )
+    masking = evaluation_masking(config, dataset.sampler.timeframes, dataset.sampler.seq_len)
     label = "synchronised" if sync else "unsynchronised"
     progress = tqdm(total=len(positions), desc=f"evaluate {dataset.split} ({label})", unit="win")
     for start in range(0, len(positions), EVAL_BATCH_SIZE):
         batch = dataset.get_batch(positions[start : start + EVAL_BATCH_SIZE])
         truth = normalizer.denormalize(batch["targets"]).double()
+        parents = batch.get("parents")
         masks = masking.generate(
-            batch["times"].to(device), generator=generator, sync=sync, right_edge=0.0
-        )
+            batch["times"].to(device), generator=generator, sync=sync, right_edge=0.0,
+            parents=None if parents is None else parents.to(device),
+        )  # fmt: skip
         out = model(batch["features"].to(device), masks, batch["times"].to(device))
         out = out["reconstructed"].float().cpu()
         pred = normalizer.denormalize(out).double()
