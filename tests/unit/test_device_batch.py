@@ -126,11 +126,16 @@ def test_gathered_times_reference_prices_and_masks_are_exactly_equal(real) -> No
 
 
 @pytest.fixture(scope="module")
-def synthetic_sampler(tmp_path_factory: pytest.TempPathFactory) -> MultiTFWindowSampler:
+def synthetic_frames(tmp_path_factory: pytest.TempPathFactory) -> dict:
     data_dir = write_synthetic_dataset(
         tmp_path_factory.mktemp("device_batch") / "data", n_rows=20_000, timeframes=TIMEFRAMES
     )
-    return MultiTFWindowSampler(load_tf_data(data_dir, TIMEFRAMES), seq_len=16)
+    return load_tf_data(data_dir, TIMEFRAMES)
+
+
+@pytest.fixture(scope="module")
+def synthetic_sampler(synthetic_frames: dict) -> MultiTFWindowSampler:
+    return MultiTFWindowSampler(synthetic_frames, seq_len=16)
 
 
 def test_features_are_scale_free(synthetic_sampler: MultiTFWindowSampler) -> None:
@@ -150,6 +155,32 @@ def test_the_accelerator_gather_equals_the_cpu_one(synthetic_sampler) -> None:
     table = builder.tables()[0]
     assert torch.equal(_take_rows(table, rows), table[rows])
     assert torch.equal(_take_rows(builder.open_ns, rows), builder.open_ns[rows])
+
+
+def mapped_batch_files() -> int:
+    """This process's mappings of the builder's (unlinked) per-bar array files."""
+    return Path("/proc/self/maps").read_text().count("stage1-batch-tables-")
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc (Linux)")
+def test_with_cached_bars_the_per_bar_arrays_are_file_backed(
+    synthetic_frames: dict, synthetic_sampler: MultiTFWindowSampler, tmp_path: Path
+) -> None:
+    """With ``cache_dir`` (many instruments) the CPU's tables, times, opens, log closes and
+    parents live in mapped files, not anonymous memory, and the batches are the same bits."""
+    cached = MultiTFWindowSampler(synthetic_frames, seq_len=16, cache_dir=tmp_path)
+    normalizer = fit_normalizer(synthetic_sampler, np.arange(0, len(synthetic_sampler), 7), 0)
+    ids = np.arange(0, len(synthetic_sampler), 13)
+    before = mapped_batch_files()
+    plain = DeviceBatchBuilder(synthetic_sampler, normalizer, horizons=[4]).batch(ids)
+    assert mapped_batch_files() == before
+    builder = DeviceBatchBuilder(cached, normalizer, horizons=[4])
+    batch = builder.batch(ids)
+    assert mapped_batch_files() == before + 6  # opens, base opens, table, first, log close, parents
+    assert batch.keys() == plain.keys()
+    for key, value in plain.items():
+        assert torch.equal(batch[key], value), key
+    assert not list(tmp_path.glob("stage1-batch-tables-*"))  # unlinked once mapped
 
 
 def test_a_foreign_normalizer_is_refused(synthetic_sampler) -> None:

@@ -24,9 +24,13 @@ first bar, so a block boundary never enters a window's features.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import tempfile
 import threading
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
@@ -68,6 +72,21 @@ def _host_tensor(array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array)
 
 
+def _file_backed(shape: tuple[int, ...], dtype: npt.DTypeLike, directory: Path) -> torch.Tensor:
+    """A zeroed CPU tensor over an unlinked temporary file in ``directory``, memory-mapped: its
+    pages belong to the page cache (evictable, shared) instead of the process's anonymous
+    memory, which many instruments' per-bar tables would otherwise fill."""
+    fd, name = tempfile.mkstemp(prefix="stage1-batch-tables-", suffix=".bin", dir=directory)
+    try:
+        os.ftruncate(fd, max(int(np.prod(shape)) * np.dtype(dtype).itemsize, 1))
+        array = np.memmap(name, dtype=dtype, mode="r+", shape=shape)
+    finally:
+        os.close(fd)
+        with contextlib.suppress(OSError):  # the mapping stays; Windows keeps the file
+            os.unlink(name)
+    return torch.from_numpy(array)
+
+
 def _take_rows(table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """``table[rows]`` for a ``[N]`` or ``[N, C]`` table and int64 ``rows`` of any shape."""
     if table.device.type == "cpu":
@@ -85,7 +104,9 @@ class DeviceBatchBuilder:
     gather. Memory on the device: 64 bytes per bar (the table, the first-bar term, the open
     time), 4 more with ``parents`` (the parent table, on the first batch), 8 more per base bar
     (its open), on an accelerator 8 per window and timeframe (the index; the CPU reads the
-    sampler's own): about 310 MB on the CPU for 3.1 M M1 rows and six timeframes.
+    sampler's own): about 310 MB on the CPU for 3.1 M M1 rows and six timeframes. When the
+    sampler's bars come from a cache (``data.cache_dir``, many instruments) these arrays are
+    file-backed on the CPU, in unlinked files there (page cache, not anonymous memory).
 
     The table depends on the statistics: it is built on the first batch after
     ``set_normalizer`` (about 0.3 s per 4 M bars on the CPU). Without a ``normalizer``
@@ -114,9 +135,15 @@ class DeviceBatchBuilder:
         offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
         self._first_row = [int(o) for o in offsets]  # host ints: the table build reads none back
         self.row_offsets = torch.from_numpy(offsets).to(self.device)
-        self.open_ns = torch.cat([_host_tensor(t).to(self.device) for t in sampler._open_ns])
-        base_open = np.ascontiguousarray(sampler._ohlc[0][:, OPEN], dtype=np.float64)
-        self.base_open = torch.from_numpy(base_open).to(self.device)
+        # With the bars memory-mapped from a cache (``data.cache_dir``), the CPU's per-bar
+        # arrays are file-backed there too (see _file_backed).
+        cache = sampler.cache_path
+        self._spill = cache.parent if cache is not None and self.device.type == "cpu" else None
+        self.open_ns = self._empty(sum(counts), torch.int64)
+        for k, times in enumerate(sampler._open_ns):
+            self.open_ns[self._first_row[k] : self._first_row[k] + len(times)] = _host_tensor(times)
+        self.base_open = self._empty(counts[0], torch.float64)
+        self.base_open.copy_(_host_tensor(sampler._ohlc[0][:, OPEN]))
         # [n_tf, n_windows]: the sampler's column-major index, transposed (a view on the CPU).
         self.end_rows = _host_tensor(sampler.end_rows.T).to(self.device).contiguous()
         # Where each instrument's windows end, and its base rows (the forecast labels' bound).
@@ -144,14 +171,20 @@ class DeviceBatchBuilder:
         self._scale = price_scale(self._stats, len(self.timeframes), self.seq_len, self.device)
         self._tables = None
 
+    def _empty(self, n: int | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A per-bar array on the device: file-backed on the CPU when the bars come from a
+        cache (:func:`_file_backed`), else ordinary memory."""
+        shape = (n,) if isinstance(n, int) else n
+        if self._spill is not None:
+            return _file_backed(shape, torch.empty(0, dtype=dtype).numpy().dtype, self._spill)
+        return torch.empty(shape, dtype=dtype, device=self.device)
+
     def tables(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The per-bar table float64 ``[rows, 6]`` and first-bar term ``[rows]`` of every
         timeframe (see the module doc), built for the current statistics on first use."""
         if self._tables is None:
-            table = torch.empty(
-                len(self.open_ns), N_FEATURES, dtype=torch.float64, device=self.device
-            )
-            first_delta = torch.empty(len(self.open_ns), dtype=torch.float64, device=self.device)
+            table = self._empty((len(self.open_ns), N_FEATURES), torch.float64)
+            first_delta = self._empty(len(self.open_ns), torch.float64)
             for k, ohlc in enumerate(self.sampler._ohlc):
                 stats = (
                     None if self._stats is None else (self._stats[0][k, 0], self._stats[1][k, 0])
@@ -177,8 +210,12 @@ class DeviceBatchBuilder:
         if starts is None:
             starts = self._first_rows(ids)
         if self._base_log_close is None:
-            close = self.sampler._ohlc[0][:, CLOSE]
-            self._base_log_close = _log(_host_tensor(np.ascontiguousarray(close)).to(self.device))
+            log_close = self._empty(len(self.base_open), torch.float64)
+            for start in range(0, len(log_close), TABLE_CHUNK_ROWS):
+                part = slice(start, start + TABLE_CHUNK_ROWS)
+                close = _host_tensor(self.sampler._ohlc[0][part, CLOSE]).to(self.device)
+                log_close[part] = _log(close.contiguous())
+            self._base_log_close = log_close
         row_end = self.block_end[torch.searchsorted(self.window_ends, ids, right=True)]
         end = starts[:, 0] + (self.seq_len - 1)  # base rows come first in the row space
         rows = horizon_rows(end, row_end, max(self.horizons))
@@ -201,11 +238,12 @@ class DeviceBatchBuilder:
             self._parents_found = True
             found = self.sampler.parent_rows()
             if found is not None:
-                table = np.zeros(len(self.open_ns), np.int32)
+                table = self._empty(len(self.open_ns), torch.int32)
                 for k, parent_rows in enumerate(found):
                     first = self._first_row[k]
-                    table[first : first + len(parent_rows)] = parent_rows + self._first_row[k + 1]
-                self._parents = torch.from_numpy(table).to(self.device)
+                    rows = _host_tensor(parent_rows + np.int32(self._first_row[k + 1]))
+                    table[first : first + len(parent_rows)] = rows
+                self._parents = table
         if self._parents is None:
             return None
         length = self.seq_len
