@@ -183,6 +183,24 @@ def test_with_cached_bars_the_per_bar_arrays_are_file_backed(
     assert not list(tmp_path.glob("stage1-batch-tables-*"))  # unlinked once mapped
 
 
+def test_a_cache_dir_it_cannot_write_keeps_the_arrays_in_memory(
+    synthetic_frames: dict, synthetic_sampler: MultiTFWindowSampler, tmp_path: Path, monkeypatch
+) -> None:
+    """A read-only cache (the index already there) still trains: one warning, same batches."""
+    cached = MultiTFWindowSampler(synthetic_frames, seq_len=16, cache_dir=tmp_path)
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path))
+
+    monkeypatch.setattr(device_batch.tempfile, "mkstemp", refuse)
+    ids = np.arange(0, len(synthetic_sampler), 13)
+    with pytest.warns(UserWarning, match="cannot hold the batch builder's per-bar arrays"):
+        batch = DeviceBatchBuilder(cached).batch(ids)
+    assert torch.equal(
+        batch["features"], DeviceBatchBuilder(synthetic_sampler).batch(ids)["features"]
+    )
+
+
 def test_a_foreign_normalizer_is_refused(synthetic_sampler) -> None:
     with pytest.raises(ValueError, match="normalizer is for timeframes"):
         DeviceBatchBuilder(synthetic_sampler, TFNormalizer(["m1", "h1"]))

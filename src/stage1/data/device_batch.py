@@ -176,7 +176,15 @@ class DeviceBatchBuilder:
         cache (:func:`_file_backed`), else ordinary memory."""
         shape = (n,) if isinstance(n, int) else n
         if self._spill is not None:
-            return _file_backed(shape, torch.empty(0, dtype=dtype).numpy().dtype, self._spill)
+            try:
+                return _file_backed(shape, torch.empty(0, dtype=dtype).numpy().dtype, self._spill)
+            except OSError as error:  # e.g. a read-only cache: memory, as without a cache
+                warnings.warn(
+                    f"{self._spill}: cannot hold the batch builder's per-bar arrays there "
+                    f"({error}); keeping them in memory",
+                    stacklevel=2,
+                )
+                self._spill = None
         return torch.empty(shape, dtype=dtype, device=self.device)
 
     def tables(self) -> tuple[torch.Tensor, torch.Tensor]:
