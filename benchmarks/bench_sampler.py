@@ -109,7 +109,8 @@ def device_path(dm: Stage1DataModule, masking: MaskingStrategy, ids: Batch) -> B
 
 
 def numpy_path(dm: Stage1DataModule, masking: MaskingStrategy, ids: Batch) -> Batch:
-    """The batch path before the device builder (NumPy features), kept as the reference."""
+    """The batch path before the device builder (NumPy features), kept as the reference; its
+    masks' sync searches the times, as before the parents (its batch has none)."""
     assert dm.sampler is not None and dm.normalizer is not None
     ohlc, times = dm.sampler.gather(ids["window_ids"].numpy())
     features = dm.normalizer.normalize(numpy_reference_features(ohlc))
