@@ -8,8 +8,9 @@ a dict (ARCHITECTURE.md):
 ``features``/``targets`` float32 ``[B, n_tf, seq_len, 6]`` (normalised, unmasked),
 ``times`` int64 ``[B, n_tf, seq_len]``, ``ref_price`` float64 ``[B]``, ``window_ids`` int64
 ``[B]``; when the timeframes nest also ``parents`` int64 ``[B, n_tf - 1, seq_len]``
-(``DeviceBatchBuilder.parents``, for the masks' sync). Masks for training are drawn by the LightningModule on the batch's device;
-``Stage1Dataset[i]`` adds reproducible ``masks`` for inspection and debugging.
+(``DeviceBatchBuilder.parents``, for the masks' sync). Masks for training are drawn by the
+LightningModule on the batch's device; ``Stage1Dataset[i]`` adds reproducible ``masks`` for
+inspection and debugging.
 """
 
 from __future__ import annotations

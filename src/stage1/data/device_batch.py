@@ -255,12 +255,19 @@ class DeviceBatchBuilder:
         if self._parents is None:
             return None
         length = self.seq_len
-        runs = self._parents.as_strided((max(len(self._parents) - length + 1, 0), length), (1, 1))
-        rows = torch.index_select(runs, 0, starts[:, :-1].reshape(-1))
+        rows = torch.index_select(self._runs(self._parents), 0, starts[:, :-1].reshape(-1))
         # In int32 (the broadcast subtraction is ~6x faster than in int64 on the CPU), then
         # int64 once: scatter indices must be.
         positions = rows.view(len(starts), -1, length) - starts[:, 1:, None].int()
         return positions.clamp_(max=length).long()
+
+    def _runs(self, per_bar: torch.Tensor) -> torch.Tensor:
+        """A view of a per-bar ``[rows]`` or ``[rows, C]`` tensor whose item ``i`` is the
+        ``seq_len`` rows from row ``i`` on: a window's bars are consecutive rows, so a gather
+        of it takes one index per window and timeframe and copies whole runs of rows."""
+        length, row = self.seq_len, per_bar.stride(0)
+        shape = (max(len(per_bar) - length + 1, 0), length, *per_bar.shape[1:])
+        return per_bar.as_strided(shape, (row, row, *per_bar.stride()[1:]))
 
     def _as_ids(self, window_ids: npt.ArrayLike | torch.Tensor) -> torch.Tensor:
         if isinstance(window_ids, torch.Tensor):
@@ -309,15 +316,11 @@ class DeviceBatchBuilder:
         windows at a time, so a chunk's rows stay in the cache through the passes over them
         (~15 % faster there than the batch at once).
 
-        A window's bars are consecutive rows, so the gathers index views whose item ``i`` is
-        the ``seq_len`` rows from row ``i`` on: one index per window and timeframe, and each
-        copies whole runs of rows (~2x np.take of every row on the CPU)."""
+        The gathers index runs of rows (:meth:`_runs`; ~2x np.take of every row on the CPU)."""
         table, first_delta = self.tables()
         batch = len(starts)
         n_tf, length = len(self.timeframes), self.seq_len
-        n_runs = max(len(table) - length + 1, 0)
-        table_runs = table.as_strided((n_runs, length, N_FEATURES), (N_FEATURES, N_FEATURES, 1))
-        time_runs = self.open_ns.as_strided((n_runs, length), (1, 1))
+        table_runs, time_runs = self._runs(table), self._runs(self.open_ns)
         features = torch.empty(batch, n_tf, length, N_FEATURES, device=self.device)
         times = torch.empty(batch, n_tf, length, dtype=torch.int64, device=self.device)
         step = GATHER_CHUNK if self.device.type == "cpu" else max(batch, 1)
@@ -352,9 +355,9 @@ class DeviceBatchBuilder:
         seq_len]``, ``ref_price`` float64 ``[B]``, ``window_ids`` int64 ``[B]``, on the device;
         with ``horizons`` also the forecast labels ``future_log_vol``/``future_valid`` ``[B, H]``
         (:meth:`future`; labels only, never model input); when the timeframes nest also
-        ``parents`` (:meth:`parents`, for the masks' sync; ``with_parents=False``: not, as for
-        encoding, which draws no masks). ``targets`` is the ``features``
-        tensor itself: both are the unmasked features, and the model masks a copy
+        ``parents`` (:meth:`parents`, for the masks' sync; not with ``with_parents=False``, as
+        for encoding, which draws no masks). ``targets`` is the ``features`` tensor itself: both
+        are the unmasked features, and the model masks a copy
         (:func:`~stage1.data.masking.mask_model_input`), so no consumer writes to them; a
         second 7 MB tensor per batch of 1 024 cost ~10 % of the build on the CPU."""
         ids = self._as_ids(window_ids)
